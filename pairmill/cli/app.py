@@ -1,0 +1,153 @@
+"""Typer commands. Each calls a pipeline or a library function; none holds logic."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pairmill.cli import render
+
+app = typer.Typer(
+    name="pairmill",
+    help="Build filtered web image-pair corpora (Apache Beam; DINOv2 / CLIP / SigLIP embeddings).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_BEAM_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("pairmill: %(message)s"))
+    log = logging.getLogger("pairmill")
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+    # Beam logs each stage at INFO; keep its warnings only.
+    logging.getLogger("apache_beam").setLevel(logging.WARNING)
+
+
+@app.command(
+    context_settings=_BEAM_PASSTHROUGH,
+    help=(
+        "Build pair shards from crawl files (Parquet, JSONL or CSV; paths, directories, globs "
+        "or fsspec URLs). Each row needs page_url, image_url and either image (bytes) or "
+        "image_path. Extra --flags not listed here are passed to Apache Beam (e.g. "
+        "--direct_num_workers 2, or --runner DataflowRunner --project P --region R "
+        "--temp_location gs://…)."
+    ),
+)
+def build(
+    ctx: typer.Context,
+    inputs: Annotated[list[str], typer.Argument(help="Crawl files, directories or globs.")],
+    out: Annotated[str, typer.Option("--out", help="Run directory (path or fsspec URL).")],
+    encoder: Annotated[
+        str, typer.Option(help="Encoder preset: dinov2-vits14|dinov2-vitb14|dinov2-vitl14|"
+                          "clip-vitb32|clip-vitb16|clip-vitl14|siglip-vitb16|tiny.")
+    ] = "dinov2-vitb14",
+    weights: Annotated[
+        Optional[str],
+        typer.Option(help="Checkpoint file (.safetensors/.pt), or 'random' (seeded, not "
+                     "semantic). Default: the Hugging Face cache, never downloaded."),
+    ] = None,
+    low: Annotated[Optional[float], typer.Option(help="Lower similarity (default: preset's).")] = None,
+    high: Annotated[Optional[float], typer.Option(help="Upper similarity (default: preset's).")] = None,
+    format: Annotated[str, typer.Option("--format", help="Pair shard format.")] = "parquet",
+    max_images_per_episode: Annotated[int, typer.Option(help="Cap of images per page.")] = 64,
+    max_pairs_per_episode: Annotated[
+        Optional[int], typer.Option(help="Keep at most N in-band pairs per page (sampled).")
+    ] = None,
+    min_side: Annotated[int, typer.Option(help="Reject images whose shorter side is smaller.")] = 64,
+    max_aspect: Annotated[float, typer.Option(help="Reject images longer/shorter above this.")] = 3.0,
+    max_pixels: Annotated[
+        int, typer.Option(help="Decompression-bomb limit (width*height).")
+    ] = 64 * 2**20,
+    resize: Annotated[
+        str, typer.Option(help="Stored images: no|keep_ratio|center_crop|border.")
+    ] = "no",
+    image_size: Annotated[int, typer.Option(help="Target size for --resize.")] = 256,
+    image_format: Annotated[
+        Optional[str], typer.Option(help="Re-encode stored images: jpg|webp|png.")
+    ] = None,
+    quality: Annotated[int, typer.Option(help="JPEG/WebP quality when re-encoding.")] = 95,
+    max_file_bytes: Annotated[int, typer.Option(help="Largest image file read.")] = 20 * 2**20,
+    device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed of random weights.")] = 0,
+    shard_rows: Annotated[Optional[int], typer.Option(help="Target rows per shard.")] = None,
+    shard_size_mb: Annotated[float, typer.Option(help="Target MB per shard.")] = 256.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest counts as JSON.")]
+    = False,
+) -> None:
+    from pipelines import build_pairs
+
+    render.check_beam_args(ctx.args)
+    argv = [*inputs, "--out", out, "--encoder", encoder, "--format", format]
+    for flag, value in (
+        ("--weights", weights),
+        ("--low", low),
+        ("--high", high),
+        ("--max-images-per-episode", max_images_per_episode),
+        ("--max-pairs-per-episode", max_pairs_per_episode),
+        ("--min-side", min_side),
+        ("--max-aspect", max_aspect),
+        ("--max-pixels", max_pixels),
+        ("--resize", resize),
+        ("--image-size", image_size),
+        ("--image-format", image_format),
+        ("--quality", quality),
+        ("--max-file-bytes", max_file_bytes),
+        ("--device", device),
+        ("--batch-size", batch_size),
+        ("--seed", seed),
+        ("--shard-rows", shard_rows),
+        ("--shard-size-mb", shard_size_mb),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    if overwrite:
+        argv.append("--overwrite")
+    _setup_logging(quiet or json_out)
+    result = build_pairs.run(argv + list(ctx.args))
+    render.summary(result.pairmill_manifest, out, as_json=json_out)
+
+
+@app.command(help="Build the bundled sample crawl (real photos) with the tiny encoder.")
+def demo(
+    out: Annotated[Path, typer.Option(help="Where to write the sample crawl and the run.")] = Path(
+        "runs/demo"
+    ),
+    pages: Annotated[int, typer.Option(help="Pages in the sample crawl.")] = 12,
+    images_per_page: Annotated[int, typer.Option(help="Images per page.")] = 8,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    from pairmill.sample import make_sample_crawl
+    from pipelines import build_pairs
+
+    _setup_logging(quiet)
+    logging.getLogger("pairmill").info("writing a sample crawl of real photos to %s", out / "crawl")
+    crawl = make_sample_crawl(out / "crawl", pages=pages, images_per_page=images_per_page)
+    run_dir = out / "run"
+    result = build_pairs.run(
+        [str(crawl), "--out", str(run_dir), "--encoder", "tiny", "--overwrite", "--device", "cpu"]
+    )
+    render.summary(result.pairmill_manifest, str(run_dir))
+    print(f"\nsample crawl: {crawl}\nrun:          {run_dir}  (manifest.json, pairs/, images/, "
+          "similarities/, rejects/)")
+    print("the tiny encoder has random weights: its similarities are not semantic.")
+
+
+@app.command(help="Print the pairmill version.")
+def version() -> None:
+    from pairmill import __version__
+
+    print(__version__)

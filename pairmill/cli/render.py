@@ -1,0 +1,72 @@
+"""What the CLI prints: the build summary, and checking pass-through Beam flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def check_beam_args(args: list[str]) -> None:
+    """Raise a usage error for a flag neither pairmill nor Apache Beam knows."""
+    import difflib
+
+    import click
+    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    seen: dict[str, type] = {}
+    for cls in _all_subclasses(PipelineOptions):
+        seen.setdefault(str(cls), cls)
+    for cls in seen.values():
+        try:
+            cls._add_argparse_args(parser)
+        except Exception:  # a conflicting third-party options class
+            continue
+    _, unknown = parser.parse_known_args(args)
+    if unknown:
+        name = unknown[0].split("=", 1)[0]
+        known = [opt for action in parser._actions for opt in action.option_strings]
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise click.UsageError(f"unknown option {unknown[0]}{hint}")
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def summary(manifest: dict[str, Any], out: str, as_json: bool = False) -> None:
+    """Print the build's funnel as a table (or JSON)."""
+    counts = manifest["counts"]
+    if as_json:
+        print(json.dumps({"out": out, "counts": counts, "timing": manifest["timing"]}, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pairmill build -> {out}", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_row("records in", f"{counts['records_in']:,}")
+    for reason, n in counts["rejects"].items():
+        table.add_row(f"  rejected: {reason}", f"{n:,}")
+    table.add_row("images accepted", f"{counts['images']:,}")
+    table.add_row("unique contents embedded", f"{counts['unique_images']:,}")
+    table.add_row("episodes (pages)", f"{counts['episodes']:,}")
+    table.add_row("candidate pairs", f"{counts['candidate_pairs']:,}")
+    low, high = manifest["thresholds"]["low"], manifest["thresholds"]["high"]
+    table.add_row(f"kept pairs ({low:g} <= sim <= {high:g})", f"{counts['kept_pairs']:,}")
+    timing = manifest["timing"]
+    table.add_row("seconds", f"{timing['seconds']:.1f}")
+    if timing.get("images_per_second") is not None:
+        table.add_row("images/s", f"{timing['images_per_second']:.1f}")
+    console = Console(file=sys.stdout, width=100)
+    console.print(table)
+    if not manifest.get("reconciled", True):
+        console.print("[red]counts do not reconcile: records_in != images + rejected[/red]")
+    weights = manifest["encoder"]["weights"]
+    if not weights.get("semantic", True):
+        console.print(f"note: encoder weights are {weights['description']}: not semantic.")

@@ -1,0 +1,108 @@
+"""The configuration of one build, validated before any pipeline graph is built."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from pairmill.errors import ConfigError
+
+DEFAULT_MAX_IMAGES_PER_EPISODE = 64
+DEFAULT_MAX_FILE_BYTES = 20 * 2**20
+DEFAULT_SHARD_SIZE_MB = 256.0
+FORMATS = ("parquet",)
+
+
+@dataclass
+class BuildConfig:
+    """Everything that decides a build's output.
+
+    Args:
+      inputs: crawl files, directories or globs (local or fsspec URLs).
+      out: the run directory (local path or fsspec URL).
+      encoder: encoder preset name.
+      weights: None (hub cache), "random", or a local checkpoint path.
+      low, high: the similarity band; None takes the encoder preset's.
+      format: pair shard format.
+      max_images_per_episode: the cap per page.
+      max_pairs_per_episode: keep at most this many in-band pairs per page.
+      min_side, max_aspect, max_pixels: decode filters.
+      resize, image_size, image_format, quality: re-encoding of stored images.
+      max_file_bytes: largest image file read from image_path.
+      device: auto, cpu or cuda.
+      batch_size: encoder batch size.
+      seed: seed of random weights.
+      shard_rows, shard_size_mb: shard sizing targets.
+      overwrite: replace an existing run in `out`.
+    """
+
+    inputs: list[str]
+    out: str
+    encoder: str = "dinov2-vitb14"
+    weights: str | None = None
+    low: float | None = None
+    high: float | None = None
+    format: str = "parquet"
+    max_images_per_episode: int = DEFAULT_MAX_IMAGES_PER_EPISODE
+    max_pairs_per_episode: int | None = None
+    min_side: int = 64
+    max_aspect: float = 3.0
+    max_pixels: int = 64 * 2**20
+    resize: str = "no"
+    image_size: int = 256
+    image_format: str | None = None
+    quality: int = 95
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    device: str = "auto"
+    batch_size: int = 32
+    seed: int = 0
+    shard_rows: int | None = None
+    shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def validate(self) -> BuildConfig:
+        """Check every value and fill the band from the encoder preset; returns self."""
+        from pairmill.encoders import get_preset
+
+        preset = get_preset(self.encoder)
+        if self.low is None:
+            self.low = preset.low
+        if self.high is None:
+            self.high = preset.high
+        _check(-1.0 <= self.low <= 1.0, f"--low must be in [-1, 1], got {self.low}")
+        _check(-1.0 <= self.high <= 1.0, f"--high must be in [-1, 1], got {self.high}")
+        _check(self.low <= self.high, f"--low ({self.low}) must not exceed --high ({self.high})")
+        _check(self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}")
+        _check(self.max_images_per_episode >= 2, "--max-images-per-episode must be at least 2")
+        _check(
+            self.max_pairs_per_episode is None or self.max_pairs_per_episode >= 1,
+            "--max-pairs-per-episode must be at least 1",
+        )
+        _check(self.batch_size >= 1, "--batch-size must be at least 1")
+        _check(self.max_file_bytes >= 1, "--max-file-bytes must be positive")
+        _check(self.shard_rows is None or self.shard_rows >= 1, "--shard-rows must be at least 1")
+        _check(self.shard_size_mb > 0, "--shard-size-mb must be positive")
+        _check(bool(self.out), "--out is required")
+        self.decode_config()  # validates the decode and re-encode flags
+        return self
+
+    def decode_config(self):
+        from pairmill.images import DecodeConfig
+
+        return DecodeConfig(
+            min_side=self.min_side,
+            max_aspect=self.max_aspect,
+            max_pixels=self.max_pixels,
+            resize=self.resize,
+            image_size=self.image_size,
+            image_format=self.image_format,
+            quality=self.quality,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

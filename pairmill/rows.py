@@ -1,0 +1,73 @@
+"""Building output rows (images, pairs) and the run's internal report file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from pairmill.records import CrawlRecord, extra_json
+
+
+def image_row(record: CrawlRecord, decoded, embedding: np.ndarray) -> dict[str, Any]:
+    """The images-table row of an accepted record (schema ``image_v1``)."""
+    return {
+        "image_id": record.image_id,
+        "episode_id": record.episode_id,
+        "page_url": record.canonical_page_url,
+        "source_page_url": record.page_url,
+        "url": record.image_url,
+        "sha256": hashlib.sha256(decoded.data).hexdigest(),
+        "format": decoded.format,
+        "width": decoded.width,
+        "height": decoded.height,
+        "source_width": decoded.source_width,
+        "source_height": decoded.source_height,
+        "image": decoded.data,
+        "embedding": np.asarray(embedding, dtype=np.float32).tolist(),
+        "extra": extra_json(record.extra),
+        "source": record.source,
+        "row": record.row,
+    }
+
+
+SIDE_FIELDS = {
+    "image_id": "image_id",
+    "url": "url",
+    "sha256": "sha256",
+    "width": "width",
+    "height": "height",
+    "image": "image",
+    "embedding": "embedding",
+}
+
+
+def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: str) -> dict:
+    """A self-contained pair row (schema ``pair_v1``) from a kept candidate and two image rows."""
+    row: dict[str, Any] = {
+        "pair_id": candidate.pair_id,
+        "episode_id": candidate.episode_id,
+        "page_url": cond["page_url"],
+    }
+    for prefix, image in (("cond", cond), ("target", target)):
+        for out_name, image_name in SIDE_FIELDS.items():
+            row[f"{prefix}_{out_name}"] = image[image_name]
+    row["similarity"] = candidate.similarity
+    row["encoder"] = encoder
+    return row
+
+
+def write_report(url: str, items: list[tuple[str, Any]]) -> str:
+    """Write shard infos and counts as one JSON object (the driver reads it)."""
+    from pairmill.shards import write_bytes
+
+    report = {
+        "shards": sorted(
+            (value for kind, value in items if kind == "shard"), key=lambda s: s["path"]
+        ),
+        "counts": dict(sorted(value for kind, value in items if kind == "count")),
+    }
+    write_bytes(url, json.dumps(report, indent=1).encode())
+    return url

@@ -1,0 +1,170 @@
+"""Shard writers (a registry, one interface) and shard planning.
+
+A table's rows are spread over `num_shards` by a hash of their id, each shard
+sorted by id, so the same rows always give the same files. Writers return a
+`ShardInfo` (rows, bytes, sha256) computed while writing: the driver never
+re-reads shards to describe them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+from schemas import Schema
+
+_WRITERS: dict[str, type[ShardWriter]] = {}
+
+# Target bytes of one Parquet row group: small enough for readers to split
+# shards across workers, large enough for efficient column chunks.
+ROW_GROUP_BYTES = 64 * 2**20
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """What was written to one shard.
+
+    Args:
+      table: pairs, images, similarities or rejects.
+      path: the shard's path relative to the run directory.
+      rows: number of rows.
+      bytes: file size.
+      sha256: hex SHA-256 of the file.
+      schema: the schema id (``pair_v1``…).
+      format: the file format.
+    """
+
+    table: str
+    path: str
+    rows: int
+    bytes: int
+    sha256: str
+    schema: str
+    format: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ShardWriter(Protocol):
+    format: str
+    extension: str
+
+    def encode(self, rows: list[dict[str, Any]], schema: Schema) -> bytes:
+        """Serialise rows (already in their final order) into one shard's bytes."""
+
+
+def register_writer(cls: type[ShardWriter]) -> type[ShardWriter]:
+    """Class decorator: make a writer available under its `format` name."""
+    _WRITERS[cls.format] = cls
+    return cls
+
+
+def get_writer(fmt: str) -> ShardWriter:
+    try:
+        return _WRITERS[fmt]()
+    except KeyError:
+        raise KeyError(f"no shard writer for {fmt!r}; known: {', '.join(sorted(_WRITERS))}") from None
+
+
+def writer_formats() -> list[str]:
+    return sorted(_WRITERS)
+
+
+@register_writer
+class ParquetWriter:
+    """Parquet shards: zstd for ids and numbers, no compression for image bytes."""
+
+    format = "parquet"
+    extension = ".parquet"
+
+    def encode(self, rows: list[dict[str, Any]], schema: Schema) -> bytes:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pylist(rows, schema=schema.arrow())
+        binary = [f.name for f in schema.fields if f.type == "binary"]
+        # Images are already compressed; compressing them again only costs time.
+        compression = {f.name: ("NONE" if f.name in binary else "ZSTD") for f in schema.fields}
+        row_bytes = max(1, table.nbytes // max(1, table.num_rows))
+        sink = pa.BufferOutputStream()
+        pq.write_table(
+            table,
+            sink,
+            compression=compression,
+            use_dictionary=[f.name for f in schema.fields if f.type in ("string", "bool")],
+            row_group_size=max(1, ROW_GROUP_BYTES // row_bytes),
+            write_statistics=[f.name for f in schema.fields if f.type not in ("binary",)],
+        )
+        return sink.getvalue().to_pybytes()
+
+
+def shard_count(rows: int, total_bytes: int, shard_rows: int | None, shard_size_mb: float) -> int:
+    """How many shards a table of `rows` rows and about `total_bytes` bytes gets."""
+    if rows <= 0:
+        return 1
+    by_size = math.ceil(total_bytes / (shard_size_mb * 2**20))
+    by_rows = math.ceil(rows / shard_rows) if shard_rows else 1
+    return max(1, by_size, by_rows)
+
+
+def shard_index(row_id: str, num_shards: int) -> int:
+    """The shard of a row: a hash of its id, so assignment is stable and balanced."""
+    return int(hashlib.blake2b(row_id.encode(), digest_size=8).hexdigest(), 16) % num_shards
+
+
+def shard_name(table: str, index: int, total: int, extension: str) -> str:
+    return f"{table}/{table}-{index:05d}-of-{total:05d}{extension}"
+
+
+def row_size(row: dict[str, Any]) -> int:
+    """A cheap estimate of a row's encoded size, for shard planning."""
+    size = 0
+    for value in row.values():
+        if isinstance(value, (bytes, str)):
+            size += len(value)
+        elif isinstance(value, list):
+            size += 4 * len(value)
+        else:
+            size += 8
+    return size
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a file through fsspec; locally via a temporary name, then an atomic rename."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        tmp = f"{path}.inprogress"
+        with fs.open(tmp, "wb") as handle:
+            handle.write(data)
+        fs.mv(tmp, path)
+    else:  # object stores make a file visible only once it is complete
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+
+
+def write_shard(
+    out: str, table: str, index: int, total: int, rows: list[dict[str, Any]], schema: Schema, fmt: str
+) -> ShardInfo:
+    """Encode rows with the format's writer and store them as one shard of `table`."""
+    writer = get_writer(fmt)
+    data = writer.encode(rows, schema)
+    relative = shard_name(table, index, total, writer.extension)
+    write_bytes(f"{out.rstrip('/')}/{relative}", data)
+    return ShardInfo(
+        table=table,
+        path=relative,
+        rows=len(rows),
+        bytes=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        schema=schema.id,
+        format=fmt,
+    )

@@ -1,0 +1,506 @@
+"""The build's Beam stages. Each is a `PTransform` named verb-noun; the logic it
+runs per element lives in plain functions elsewhere (`crawl`, `selection`,
+`images`, `pairing`, `rows`) so tests call it without Beam.
+
+Stages that can reject return a dict of PCollections: the stage's output under
+its own name and reject rows under ``"rejects"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+
+from pairmill import crawl, pairing, rows, selection
+from pairmill.records import CrawlRecord, reject_row
+from pairmill.rejects import Rejection
+
+REJECTS = "rejects"
+NAMESPACE = "pairmill"
+
+
+def _reject(record: CrawlRecord, rejection: Rejection):
+    Metrics.counter(NAMESPACE, f"rejected_{rejection.reason}").inc()
+    return beam.pvalue.TaggedOutput(REJECTS, reject_row(record, rejection))
+
+
+class _ReadSplit(beam.DoFn):
+    def __init__(self):
+        self.records_in = Metrics.counter(NAMESPACE, "records_in")
+
+    def process(self, split: crawl.Split):
+        for item in crawl.read_split(split):
+            self.records_in.inc()
+            if isinstance(item, tuple):
+                yield _reject(*item)
+            else:
+                yield item
+
+
+class ReadCrawl(beam.PTransform):
+    """Crawl files -> one `CrawlRecord` per input row (+ rejects for unreadable rows).
+
+    Args:
+      files: crawl files already expanded by `crawl.expand_inputs`.
+    """
+
+    def __init__(self, files: list[str]):
+        super().__init__()
+        self.files = files
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Files" >> beam.Create(self.files)
+            | "Splits" >> beam.FlatMap(crawl.list_splits)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.ParDo(_ReadSplit()).with_outputs(REJECTS, main="records")
+        )
+
+
+class _AssignEpisode(beam.DoFn):
+    def process(self, record: CrawlRecord):
+        result = selection.assign_episode(record)
+        if isinstance(result, Rejection):
+            yield _reject(record, result)
+        else:
+            yield result
+
+
+class GroupIntoEpisodes(beam.PTransform):
+    """Key records by episode, cap each episode, and drop URL duplicates.
+
+    Hot-key safe: only (image id, record key) pairs reach the per-episode
+    combiner, which holds at most `cap` of them; records are then joined to the
+    decision by their own unique key.
+
+    Args:
+      cap: --max-images-per-episode.
+    """
+
+    def __init__(self, cap: int):
+        super().__init__()
+        self.cap = cap
+
+    def expand(self, records):
+        keyed = records | "Key" >> beam.ParDo(_AssignEpisode()).with_outputs(
+            REJECTS, main="records"
+        )
+        selections = (
+            keyed.records
+            | "Light" >> beam.Map(lambda r: (r.episode_id, (r.image_id, r.key)))
+            | "Select" >> beam.CombinePerKey(_SelectCombineFn(self.cap))
+        )
+        winners = selections | "Winners" >> beam.FlatMap(
+            lambda kv: ((key, True) for key in kv[1].winners)
+        )
+        cutoffs = (
+            selections
+            | "Overfull" >> beam.Filter(lambda kv: kv[1].cutoff is not None)
+            | "Cutoffs" >> beam.Map(lambda kv: (kv[0], kv[1].cutoff))
+        )
+        by_key = keyed.records | "ByKey" >> beam.Map(lambda r: (r.key, r))
+        decided = (
+            {"record": by_key, "winner": winners}
+            | "Join" >> beam.CoGroupByKey()
+            | "Decide"
+            >> beam.ParDo(_ApplySelection(), beam.pvalue.AsDict(cutoffs)).with_outputs(
+                REJECTS, main="records"
+            )
+        )
+        rejects = (keyed[REJECTS], decided[REJECTS]) | "Rejects" >> beam.Flatten()
+        return {"records": decided.records, REJECTS: rejects}
+
+
+class _SelectCombineFn(beam.CombineFn):
+    def __init__(self, cap: int):
+        self.fn = selection.SelectEpisodeImages(cap)
+
+    def create_accumulator(self):
+        return self.fn.create_accumulator()
+
+    def add_input(self, accumulator, element):
+        return self.fn.add_input(accumulator, element)
+
+    def merge_accumulators(self, accumulators):
+        return self.fn.merge_accumulators(accumulators)
+
+    def extract_output(self, accumulator):
+        return self.fn.extract_output(accumulator)
+
+
+class _ApplySelection(beam.DoFn):
+    def process(self, element, cutoffs):
+        _, joined = element
+        is_winner = bool(list(joined["winner"]))
+        for record in joined["record"]:
+            rejection = selection.selection_outcome(
+                record, is_winner, cutoffs.get(record.episode_id)
+            )
+            yield record if rejection is None else _reject(record, rejection)
+
+
+class _LoadBytes(beam.DoFn):
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+
+    def process(self, record: CrawlRecord):
+        result = selection.load_bytes(record, self.max_bytes)
+        yield _reject(record.without_bytes(), result) if isinstance(result, Rejection) else result
+
+
+class LoadImageBytes(beam.PTransform):
+    """Read `image_path` bytes (inline bytes pass through) and hash the content.
+
+    Args:
+      max_bytes: the largest file read.
+    """
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes = max_bytes
+
+    def expand(self, records):
+        return records | "Load" >> beam.ParDo(_LoadBytes(self.max_bytes)).with_outputs(
+            REJECTS, main="records"
+        )
+
+
+class _PickAny(beam.CombineFn):
+    """Keeps one value per key: all values of a content hash are the same bytes."""
+
+    def create_accumulator(self):
+        return None
+
+    def add_input(self, accumulator, element):
+        return element if accumulator is None else accumulator
+
+    def merge_accumulators(self, accumulators):
+        return next((a for a in accumulators if a is not None), None)
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+@dataclass
+class DecodedContent:
+    """One decoded unique content and the records (one per episode) that show it.
+
+    Args:
+      content_sha256: hash of the original bytes.
+      decoded: the `images.DecodedImage` without its pixels.
+      members: light records, one per episode.
+    """
+
+    content_sha256: str
+    decoded: Any
+    members: list[CrawlRecord]
+
+
+class _DecodeContent(beam.DoFn):
+    def __init__(self, decode_config, encoder: str):
+        self.decode_config, self.encoder = decode_config, encoder
+
+    def setup(self):
+        from functools import partial
+
+        from pairmill.encoders import get_preset, preprocess
+
+        preset = get_preset(self.encoder)
+        self.prepare = partial(preprocess, preset=preset)
+        self.prepare_min_side = preset.resize_size
+        self.decoded = Metrics.counter(NAMESPACE, "decoded_contents")
+
+    def process(self, element):
+        from dataclasses import replace
+
+        from pairmill.images import decode_image
+
+        content, joined = element
+        data = next(iter(joined["bytes"]))
+        kept, duplicates = selection.first_per_episode(joined["members"])
+        kept_url = {record.episode_id: record.image_url for record in kept}
+        for record in duplicates:
+            yield _reject(record, selection.content_duplicate(kept_url[record.episode_id]))
+        result = decode_image(
+            data, self.decode_config, self.prepare, prepare_min_side=self.prepare_min_side
+        )
+        if isinstance(result, Rejection):
+            for record in kept:
+                yield _reject(record, result)
+            return
+        self.decoded.inc()
+        pixels = result.pixels
+        yield DecodedContent(content, replace(result, pixels=None), kept), pixels
+
+
+class DecodeImages(beam.PTransform):
+    """Drop same-content duplicates within a page and decode each unique content once.
+
+    Bytes are deduplicated by a combiner (one copy per content hash, whatever
+    the number of pages showing it); light records are grouped beside them.
+    Output: (DecodedContent, encoder input pixels) for `EmbedImages`.
+
+    Args:
+      decode_config: `images.DecodeConfig`.
+      encoder: preset name (for its preprocessing).
+    """
+
+    def __init__(self, decode_config, encoder: str):
+        super().__init__()
+        self.decode_config, self.encoder = decode_config, encoder
+
+    def expand(self, records):
+        data = (
+            records
+            | "Bytes" >> beam.Map(lambda r: (r.content_sha256, r.image))
+            | "OneCopy" >> beam.CombinePerKey(_PickAny())
+        )
+        members = records | "Members" >> beam.Map(lambda r: (r.content_sha256, r.without_bytes()))
+        return (
+            {"bytes": data, "members": members}
+            | "Group" >> beam.CoGroupByKey()
+            | "Decode"
+            >> beam.ParDo(_DecodeContent(self.decode_config, self.encoder)).with_outputs(
+                REJECTS, main="decoded"
+            )
+        )
+
+
+class _ExpandMembers(beam.DoFn):
+    def __init__(self, encoder: str):
+        self.encoder = encoder
+        self.images = Metrics.counter(NAMESPACE, "images")
+
+    def process(self, element):
+        content, embedding = element
+        vector = np.asarray(embedding, dtype=np.float32)
+        for record in content.members:
+            self.images.inc()
+            row = rows.image_row(record, content.decoded, vector)
+            yield beam.pvalue.TaggedOutput("light", (record.episode_id, (record.image_id, vector)))
+            yield record.episode_id, row
+
+
+class EmbedImages(beam.PTransform):
+    """Embed each decoded content once (batched `RunInference`) and give every
+    record its image row.
+
+    Output: {"images": (episode_id, image row), "light": (episode_id, (image_id, embedding))}.
+
+    Args:
+      handler: an `EncoderModelHandler`.
+      encoder: preset name recorded in the rows.
+    """
+
+    def __init__(self, handler, encoder: str):
+        super().__init__()
+        self.handler, self.encoder = handler, encoder
+
+    def expand(self, decoded):
+        embedded = decoded | "Encode" >> RunInference(KeyedModelHandler(self.handler))
+        return embedded | "Rows" >> beam.ParDo(_ExpandMembers(self.encoder)).with_outputs(
+            "light", main="images"
+        )
+
+
+class _PairEpisode(beam.DoFn):
+    def __init__(self, low: float, high: float, max_pairs: int | None):
+        self.low, self.high, self.max_pairs = low, high, max_pairs
+        self.candidates = Metrics.counter(NAMESPACE, "candidate_pairs")
+        self.kept = Metrics.counter(NAMESPACE, "kept_pairs")
+
+    def process(self, element):
+        episode, images = element
+        yield beam.pvalue.TaggedOutput("episodes", 1)
+        for candidate in pairing.pair_episode(
+            episode, list(images), self.low, self.high, self.max_pairs
+        ):
+            self.candidates.inc()
+            yield pairing.similarity_row(candidate)
+            if candidate.kept:
+                self.kept.inc()
+                yield beam.pvalue.TaggedOutput("pairs", (episode, candidate))
+
+
+class PairWithinEpisodes(beam.PTransform):
+    """Group light values (ids and embeddings, never bytes) per episode and pair them.
+
+    Output: {"similarities": rows, "pairs": (episode_id, Candidate), "episodes": 1 per episode}.
+
+    Args:
+      low, high: the similarity band.
+      max_pairs: --max-pairs-per-episode.
+    """
+
+    def __init__(self, low: float, high: float, max_pairs: int | None):
+        super().__init__()
+        self.low, self.high, self.max_pairs = low, high, max_pairs
+
+    def expand(self, light):
+        return (
+            light
+            | "Group" >> beam.GroupByKey()
+            | "Pair"
+            >> beam.ParDo(_PairEpisode(self.low, self.high, self.max_pairs)).with_outputs(
+                "pairs", "episodes", main="similarities"
+            )
+        )
+
+
+class _BuildPairRows(beam.DoFn):
+    def __init__(self, encoder: str):
+        self.encoder = encoder
+
+    def process(self, element):
+        _, joined = element
+        candidates = list(joined["pairs"])
+        if not candidates:
+            return
+        images = {row["image_id"]: row for row in joined["images"]}
+        for candidate in candidates:
+            yield rows.pair_row(
+                candidate,
+                images[candidate.cond_image_id],
+                images[candidate.target_image_id],
+                self.encoder,
+            )
+
+
+class JoinPairBytes(beam.PTransform):
+    """Join each kept pair with both sides' image rows into a self-contained pair row.
+
+    Args:
+      encoder: preset name written into each row.
+    """
+
+    def __init__(self, encoder: str):
+        super().__init__()
+        self.encoder = encoder
+
+    def expand(self, inputs):
+        images, pairs = inputs
+        return (
+            {"images": images, "pairs": pairs}
+            | "Group" >> beam.CoGroupByKey()
+            | "Rows" >> beam.ParDo(_BuildPairRows(self.encoder))
+        )
+
+
+class _WriteShard(beam.DoFn):
+    def __init__(self, out: str, table: str, schema_id: str, fmt: str, id_field: str):
+        self.out, self.table, self.schema_id = out, table, schema_id
+        self.fmt, self.id_field = fmt, id_field
+
+    def process(self, element, plan):
+        import schemas
+        from pairmill.shards import write_shard
+
+        index, shard_rows = element
+        ordered = sorted(shard_rows, key=lambda row: _sort_key(row, self.id_field))
+        info = write_shard(
+            self.out, self.table, index, plan, ordered, schemas.load(self.schema_id), self.fmt
+        )
+        yield info.to_dict()
+
+
+def _sort_key(row: dict, id_field: str):
+    return (row.get(id_field) or "", row.get("source") or "", row.get("row") or 0)
+
+
+class WriteShards(beam.PTransform):
+    """Write one table as `<table>/<table>-00000-of-0000N.<ext>`; output: shard infos.
+
+    Rows go to shards by a hash of `id_field` and are sorted within a shard, so
+    the same rows give the same files. The shard count follows the table's size.
+
+    Args:
+      out: the run directory.
+      table: pairs, images, similarities or rejects.
+      schema_id: e.g. ``pair_v1``.
+      fmt: writer format.
+      id_field: the row id used for sharding and ordering.
+      shard_rows, shard_size_mb: sizing targets.
+    """
+
+    def __init__(self, out, table, schema_id, fmt, id_field, shard_rows, shard_size_mb):
+        super().__init__()
+        self.out, self.table, self.schema_id, self.fmt = out, table, schema_id, fmt
+        self.id_field, self.shard_rows, self.shard_size_mb = id_field, shard_rows, shard_size_mb
+
+    def expand(self, table_rows):
+        from pairmill.shards import row_size, shard_count, shard_index
+
+        shard_rows, shard_size_mb, id_field = self.shard_rows, self.shard_size_mb, self.id_field
+        plan = (
+            table_rows
+            | "Size" >> beam.Map(lambda row: (1, row_size(row)))
+            | "Total" >> beam.CombineGlobally(_SumPairs())
+            | "Plan" >> beam.Map(lambda t: shard_count(t[0], t[1], shard_rows, shard_size_mb))
+        )
+        return (
+            table_rows
+            | "Assign"
+            >> beam.Map(
+                lambda row, n: (shard_index(_row_id(row, id_field), n), row),
+                beam.pvalue.AsSingleton(plan),
+            )
+            | "Group" >> beam.GroupByKey()
+            | "Write"
+            >> beam.ParDo(
+                _WriteShard(self.out, self.table, self.schema_id, self.fmt, self.id_field),
+                beam.pvalue.AsSingleton(plan),
+            )
+        )
+
+
+def _row_id(row: dict, id_field: str) -> str:
+    value = row.get(id_field)
+    return value if value else f"{row.get('source')}#{row.get('row')}"
+
+
+class _SumPairs(beam.CombineFn):
+    def create_accumulator(self):
+        return (0, 0)
+
+    def add_input(self, acc, element):
+        return (acc[0] + element[0], acc[1] + element[1])
+
+    def merge_accumulators(self, accumulators):
+        return tuple(map(sum, zip(*accumulators))) if accumulators else (0, 0)
+
+    def extract_output(self, acc):
+        return acc
+
+
+class WriteReport(beam.PTransform):
+    """Collect shard infos and counts into one small JSON file for the driver.
+
+    Args:
+      url: where to write it (inside the run directory).
+    """
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+
+    def expand(self, inputs):
+        shards, counts = inputs
+        tagged_shards = shards | "TagShards" >> beam.Map(lambda info: ("shard", info))
+        tagged_counts = (
+            counts
+            | "SumCounts" >> beam.CombinePerKey(sum)
+            | "TagCounts" >> beam.Map(lambda kv: ("count", kv))
+        )
+        url = self.url
+        return (
+            (tagged_shards, tagged_counts)
+            | "Merge" >> beam.Flatten()
+            | "All" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(lambda items: rows.write_report(url, items))
+        )

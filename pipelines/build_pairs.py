@@ -1,0 +1,166 @@
+"""Build filtered image-pair shards from a crawl (the main pairmill job).
+
+Thin entry point: parses flags, validates them before the graph exists, chains
+library transforms under readable labels, runs, and writes the manifest.
+
+    python -m pipelines.build_pairs crawl.parquet --out runs/x --encoder tiny \
+        --runner FnApiRunner
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from pairmill import manifest
+from pairmill.config import BuildConfig
+from pairmill.crawl import expand_inputs
+from pairmill.embedding import EncoderModelHandler
+from pairmill.encoders import DEFAULT_ENCODER, get_preset, resolve_device, resolve_weights
+from pairmill.transforms import (
+    REJECTS,
+    DecodeImages,
+    EmbedImages,
+    GroupIntoEpisodes,
+    JoinPairBytes,
+    LoadImageBytes,
+    PairWithinEpisodes,
+    ReadCrawl,
+    WriteReport,
+    WriteShards,
+)
+
+DEFAULT_RUNNER = "FnApiRunner"
+
+
+def _optional_int(text: str) -> int | None:
+    return None if text.lower() in ("none", "0", "") else int(text)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="build_pairs", description=__doc__.splitlines()[0])
+    p.add_argument("inputs", nargs="+", help="crawl files, directories or globs")
+    p.add_argument("--out", required=True, help="run directory (local path or fsspec URL)")
+    p.add_argument("--encoder", default=DEFAULT_ENCODER)
+    p.add_argument("--weights", default=None, help="checkpoint path, or 'random'")
+    p.add_argument("--low", type=float, default=None)
+    p.add_argument("--high", type=float, default=None)
+    p.add_argument("--format", default="parquet")
+    p.add_argument("--max-images-per-episode", type=int, default=64)
+    p.add_argument("--max-pairs-per-episode", type=_optional_int, default=None)
+    p.add_argument("--min-side", type=int, default=64)
+    p.add_argument("--max-aspect", type=float, default=3.0)
+    p.add_argument("--max-pixels", type=int, default=64 * 2**20)
+    p.add_argument("--resize", default="no")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-format", default=None)
+    p.add_argument("--quality", type=int, default=95)
+    p.add_argument("--max-file-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-rows", type=_optional_int, default=None)
+    p.add_argument("--shard-size-mb", type=float, default=256.0)
+    p.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def parse_known_args(argv: list[str] | None) -> tuple[BuildConfig, list[str]]:
+    """Split argv into a validated `BuildConfig` and the remaining Beam pipeline flags."""
+    known, pipeline_args = parser().parse_known_args(argv)
+    values = {k: v for k, v in vars(known).items()}
+    config = BuildConfig(**values).validate()
+    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in pipeline_args):
+        pipeline_args = ["--runner", DEFAULT_RUNNER, *pipeline_args]
+    return config, pipeline_args
+
+
+def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> None:
+    """Chain the build's stages onto pipeline `p`."""
+    out = config.out.rstrip("/")
+    read = p | "ReadCrawl" >> ReadCrawl(files)
+    episodes = read.records | "GroupIntoEpisodes" >> GroupIntoEpisodes(
+        config.max_images_per_episode
+    )
+    loaded = episodes["records"] | "LoadImageBytes" >> LoadImageBytes(config.max_file_bytes)
+    decoded = loaded.records | "DecodeImages" >> DecodeImages(
+        config.decode_config(), config.encoder
+    )
+    embedded = decoded.decoded | "EmbedImages" >> EmbedImages(handler, config.encoder)
+    paired = embedded.light | "PairWithinEpisodes" >> PairWithinEpisodes(
+        config.low, config.high, config.max_pairs_per_episode
+    )
+    pair_rows = (embedded.images, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(
+        config.encoder
+    )
+    image_rows = embedded.images | "ImageRows" >> beam.Values()
+    rejects = (
+        read[REJECTS],
+        episodes[REJECTS],
+        loaded[REJECTS],
+        decoded[REJECTS],
+    ) | "AllRejects" >> beam.Flatten()
+
+    def write(table, rows_pc, schema, fmt, id_field):
+        return rows_pc | f"Write{table.title()}" >> WriteShards(
+            out, table, schema, fmt, id_field, config.shard_rows, config.shard_size_mb
+        )
+
+    shards = (
+        write("pairs", pair_rows, "pair_v1", config.format, "pair_id"),
+        write("images", image_rows, "image_v1", "parquet", "image_id"),
+        write("similarities", paired.similarities, "similarity_v1", "parquet", "pair_id"),
+        write("rejects", rejects, "reject_v1", "parquet", "reject_id"),
+    ) | "AllShards" >> beam.Flatten()
+    counts = (
+        read.records | "CountRead" >> beam.Map(lambda _: ("records_in", 1)),
+        read[REJECTS] | "CountUnreadable" >> beam.Map(lambda _: ("records_in", 1)),
+        rejects | "CountRejects" >> beam.Map(lambda r: (f"rejects.{r['reason']}", 1)),
+        image_rows | "CountImages" >> beam.Map(lambda _: ("images", 1)),
+        decoded.decoded | "CountUnique" >> beam.Map(lambda _: ("unique_images", 1)),
+        paired.episodes | "CountEpisodes" >> beam.Map(lambda _: ("episodes", 1)),
+        paired.similarities | "CountCandidates" >> beam.Map(lambda _: ("candidate_pairs", 1)),
+        paired.pairs | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
+    ) | "AllCounts" >> beam.Flatten()
+    _ = (shards, counts) | "WriteReport" >> WriteReport(f"{out}/{manifest.REPORT}")
+
+
+def run(argv: list[str] | None = None, test_pipeline=None):
+    """Run a build; returns the Beam PipelineResult (the manifest is in --out)."""
+    config, pipeline_args = parse_known_args(argv)
+    files = expand_inputs(config.inputs)
+    preset = get_preset(config.encoder)
+    weights = resolve_weights(preset, config.weights, seed=config.seed)
+    device = resolve_device(config.device)
+    manifest.prepare_output(config.out, config.overwrite)
+    handler = EncoderModelHandler(config.encoder, weights, device, config.batch_size, config.seed)
+
+    options = PipelineOptions(pipeline_args)
+    runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    started = time.monotonic()
+    p = test_pipeline or beam.Pipeline(options=options)
+    build(p, config, files, handler)
+    result = p.run()
+    result.wait_until_finish()
+    seconds = time.monotonic() - started
+    encoder = {
+        "name": preset.name,
+        "family": preset.family,
+        "arch": preset.arch,
+        "image_size": preset.image_size,
+        "embed_dim": preset.embed_dim,
+        "device": device,
+        "batch_size": config.batch_size,
+        "weights": weights.to_dict() if hasattr(weights, "to_dict") else vars(weights),
+    }
+    result.pairmill_manifest = manifest.finish_run(
+        config.out, config.to_dict(), encoder, seconds, runner, config.format
+    )
+    return result
+
+
+if __name__ == "__main__":
+    run()
