@@ -19,9 +19,8 @@ class _DropBeamImportNoise:
 def main(argv: list[str] | None = None) -> None:
     import logging
 
-    import click
-
     logging.getLogger().addFilter(_DropBeamImportNoise())
+    usage_error, abort = _click_exceptions()
 
     from pairmill.cli.app import app
     from pairmill.errors import PairmillError
@@ -29,12 +28,12 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("PAIRMILL_DEBUG") == "1"
     try:
         code = app(args=argv, prog_name="pairmill", standalone_mode=False)
-    except click.exceptions.UsageError as exc:
+    except usage_error as exc:
         where = exc.ctx.command_path if exc.ctx else "pairmill"
         message = " ".join(exc.format_message().split())
         print(f"{where}: error: {message} (see '{where} --help')", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (*abort, KeyboardInterrupt):
         print("pairmill: interrupted", file=sys.stderr)
         sys.exit(130)
     except PairmillError as exc:
@@ -56,6 +55,20 @@ def main(argv: list[str] | None = None) -> None:
             )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _click_exceptions():
+    """The usage-error and abort classes of the click that typer runs on.
+
+    Recent typer versions vendor click as ``typer._click``; older ones use click.
+    """
+    import typer
+
+    try:
+        from typer._click.exceptions import UsageError
+    except ImportError:  # pragma: no cover - typer without a vendored click
+        from click.exceptions import UsageError
+    return UsageError, (typer.Abort,)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

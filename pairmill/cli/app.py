@@ -90,7 +90,7 @@ def build(
 ) -> None:
     from pipelines import build_pairs
 
-    render.check_beam_args(ctx.args)
+    inputs, beam_args = render.split_beam_args([*inputs, *ctx.args])
     argv = [*inputs, "--out", out, "--encoder", encoder, "--format", format]
     for flag, value in (
         ("--weights", weights),
@@ -117,8 +117,16 @@ def build(
     if overwrite:
         argv.append("--overwrite")
     _setup_logging(quiet or json_out)
-    result = build_pairs.run(argv + list(ctx.args))
+    result = build_pairs.run(argv + beam_args)
     render.summary(result.pairmill_manifest, out, as_json=json_out)
+
+
+def build_option_names() -> list[str]:
+    """The flags `pairmill build` itself defines (for 'did you mean' hints)."""
+    import typer.main
+
+    command = typer.main.get_command(app).commands["build"]
+    return [opt for param in command.params for opt in getattr(param, "opts", [])]
 
 
 @app.command(help="Build the bundled sample crawl (real photos) with the tiny encoder.")

@@ -7,11 +7,15 @@ import sys
 from typing import Any
 
 
-def check_beam_args(args: list[str]) -> None:
-    """Raise a usage error for a flag neither pairmill nor Apache Beam knows."""
+def split_beam_args(tokens: list[str]) -> tuple[list[str], list[str]]:
+    """Split the command's leftover tokens into (input paths, Apache Beam flags).
+
+    typer hands flags it does not know to the variadic INPUT argument; Beam's own
+    option parser tells which are Beam flags (with their values) and which are
+    inputs. A flag neither knows raises a usage error naming the closest match.
+    """
     import difflib
 
-    import click
     from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
 
     parser = _BeamArgumentParser(allow_abbrev=False)
@@ -23,13 +27,27 @@ def check_beam_args(args: list[str]) -> None:
             cls._add_argparse_args(parser)
         except Exception:  # a conflicting third-party options class
             continue
-    _, unknown = parser.parse_known_args(args)
-    if unknown:
-        name = unknown[0].split("=", 1)[0]
-        known = [opt for action in parser._actions for opt in action.option_strings]
+    _, leftover = parser.parse_known_args(tokens)
+    flags = [token for token in leftover if token.startswith("-")]
+    if flags:
+        from pairmill.cli.app import build_option_names
+
+        name = flags[0].split("=", 1)[0]
+        known = build_option_names() + [
+            opt for action in parser._actions for opt in action.option_strings
+        ]
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
-        raise click.UsageError(f"unknown option {unknown[0]}{hint}")
+        raise _usage_error(f"no such option {flags[0]}{hint}")
+    inputs = [token for token in tokens if token in leftover]
+    beam_args = [token for token in tokens if token not in leftover]
+    return inputs, beam_args
+
+
+def _usage_error(message: str):
+    from pairmill.cli import _click_exceptions
+
+    return _click_exceptions()[0](message)
 
 
 def _all_subclasses(cls):

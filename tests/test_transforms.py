@@ -1,0 +1,163 @@
+"""One FnApiRunner pipeline test per transform."""
+
+import json
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.testing.util import assert_that, equal_to
+
+from pairmill import transforms as t
+from pairmill.images import DecodeConfig
+from pairmill.pairing import Candidate
+from pairmill.records import CrawlRecord
+from pairmill.selection import assign_episode
+
+
+def pipeline():
+    return beam.Pipeline(runner="FnApiRunner")
+
+
+def rec(row, page="https://a.example/p", url=None, data=b"", path=None):
+    r = CrawlRecord("crawl.parquet", row, page, url or f"https://cdn/{row}.jpg", data, path)
+    return assign_episode(r)
+
+
+def test_read_crawl(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"page_url": "https://p", "image_url": "https://i", "image_path": "x"}\n{bad\n')
+    with pipeline() as p:
+        out = p | t.ReadCrawl([str(path)])
+        assert_that(out.records | beam.Map(lambda r: r.row), equal_to([0]), label="records")
+        assert_that(
+            out[t.REJECTS] | beam.Map(lambda r: r["reason"]), equal_to(["malformed_record"]),
+            label="rejects",
+        )
+
+
+def test_group_into_episodes_caps_and_dedups():
+    records = [rec(i, data=b"x") for i in range(20)]
+    first = min(records, key=lambda r: r.image_id)  # certainly within the cap
+    records += [rec(100 + i, url=first.image_url, data=b"x") for i in range(3)]
+    records.append(CrawlRecord("crawl.parquet", 999, None, "https://cdn/z.jpg", b"x"))
+    with pipeline() as p:
+        out = p | beam.Create(records) | t.GroupIntoEpisodes(cap=5)
+        assert_that(out["records"] | beam.Map(lambda r: r.row), equal_to(
+            [r.row for r in sorted(records[:20], key=lambda r: r.image_id)[:5]]), label="kept")
+        reasons = out[t.REJECTS] | beam.Map(lambda r: r["reason"])
+        assert_that(
+            reasons | beam.combiners.Count.PerElement(),
+            equal_to([("capped", 15), ("duplicate", 3), ("missing_field", 1)]),
+            label="rejects",
+        )
+
+
+def test_load_image_bytes(tmp_path):
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    records = [rec(0, data=None, path=str(tmp_path / "a.bin")), rec(1, data=None, path="/nope")]
+    with pipeline() as p:
+        out = p | beam.Create(records) | t.LoadImageBytes(max_bytes=100)
+        assert_that(out.records | beam.Map(lambda r: r.image), equal_to([b"abc"]), label="ok")
+        assert_that(
+            out[t.REJECTS] | beam.Map(lambda r: r["reason"]), equal_to(["fetch_error"]), label="rej"
+        )
+
+
+def _loaded(row, page, url, data):
+    from pairmill.selection import load_bytes
+
+    return load_bytes(rec(row, page=page, url=url, data=data), 10**8)
+
+
+def test_decode_images_decodes_each_content_once(jpeg_of):
+    cat, coffee = jpeg_of("chelsea", (200, 150)), jpeg_of("coffee", (200, 150))
+    records = [
+        _loaded(0, "https://a/p", "https://i/cat.jpg", cat),
+        _loaded(1, "https://a/p", "https://i/cat-copy.jpg", cat),  # same content, same page
+        _loaded(2, "https://b/q", "https://i/cat.jpg", cat),  # same content, other page
+        _loaded(3, "https://a/p", "https://i/coffee.jpg", coffee),
+        _loaded(4, "https://a/p", "https://i/bad.jpg", b"<html>"),
+    ]
+    with pipeline() as p:
+        out = p | beam.Create(records) | t.DecodeImages(DecodeConfig(), "tiny")
+        summary = out.decoded | beam.Map(lambda kv: (len(kv[0].members), kv[1].shape))
+        assert_that(summary, equal_to([(2, (64, 64, 3)), (1, (64, 64, 3))]), label="decoded")
+        assert_that(
+            out[t.REJECTS] | beam.Map(lambda r: r["reason"]),
+            equal_to(["duplicate", "decode_error"]),
+            label="rejects",
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_handler():
+    from pairmill.embedding import EncoderModelHandler
+    from pairmill.encoders import get_preset, resolve_weights
+
+    return EncoderModelHandler("tiny", resolve_weights(get_preset("tiny"), None), "cpu", 4)
+
+
+def test_embed_images(jpeg_of, tiny_handler):
+    records = [_loaded(i, "https://a/p", f"https://i/{i}.jpg", jpeg_of(n, (120, 100)))
+               for i, n in enumerate(["chelsea", "coffee", "rocket"])]
+    with pipeline() as p:
+        decoded = p | beam.Create(records) | t.DecodeImages(DecodeConfig(), "tiny")
+        out = decoded.decoded | t.EmbedImages(tiny_handler, "tiny")
+        norms = out.light | beam.Map(lambda kv: round(float(np.linalg.norm(kv[1][1])), 5))
+        assert_that(norms, equal_to([1.0, 1.0, 1.0]), label="unit")
+        widths = out.images | beam.Map(lambda kv: (kv[1]["width"], len(kv[1]["embedding"])))
+        assert_that(widths, equal_to([(120, 128)] * 3), label="rows")
+
+
+def test_pair_within_episodes():
+    def unit(*v):
+        v = np.asarray(v, dtype=np.float32)
+        return v / np.linalg.norm(v)
+
+    light = [("e1", ("a", unit(1, 0))), ("e1", ("b", unit(1, 1))), ("e1", ("c", unit(0, 1))),
+             ("e2", ("d", unit(1, 0)))]
+    with pipeline() as p:
+        out = p | beam.Create(light) | t.PairWithinEpisodes(0.5, 0.9, None)
+        assert_that(out.similarities | beam.Map(lambda r: r["kept"]),
+                    equal_to([True, False, True]), label="sims")
+        assert_that(out.pairs | beam.Map(lambda kv: (kv[1].cond_image_id, kv[1].target_image_id)),
+                    equal_to([("a", "b"), ("b", "c")]), label="pairs")
+        assert_that(out.episodes | beam.combiners.Count.Globally(), equal_to([2]), label="eps")
+
+
+def test_join_pair_bytes():
+    image = {"image_id": "a", "page_url": "https://p/", "url": "u", "sha256": "s", "width": 1,
+             "height": 1, "image": b"A", "embedding": [1.0]}
+    other = dict(image, image_id="b", image=b"B")
+    cand = Candidate("pid", "e1", "a", "b", 0.5, True)
+    with pipeline() as p:
+        images = p | "I" >> beam.Create([("e1", image), ("e1", other), ("e2", image)])
+        pairs = p | "P" >> beam.Create([("e1", cand)])
+        rows = (images, pairs) | t.JoinPairBytes("tiny")
+        assert_that(rows | beam.Map(lambda r: (r["cond_image"], r["target_image"], r["encoder"])),
+                    equal_to([(b"A", b"B", "tiny")]))
+
+
+def test_write_shards_and_report(tmp_path):
+    rows = [{"pair_id": f"p{i:03d}", "episode_id": "e", "cond_image_id": "a",
+             "target_image_id": "b", "similarity": 0.5, "kept": bool(i % 2)} for i in range(25)]
+    out = str(tmp_path)
+    with pipeline() as p:
+        shards = p | beam.Create(rows) | t.WriteShards(
+            out, "similarities", "similarity_v1", "parquet", "pair_id", 10, 256.0
+        )
+        counts = p | "C" >> beam.Create([("kept_pairs", 12), ("kept_pairs", 1)])
+        _ = (shards, counts) | t.WriteReport(f"{out}/_report.json")
+    report = json.loads((tmp_path / "_report.json").read_text())
+    assert report["counts"] == {"kept_pairs": 13}
+    assert [s["path"] for s in report["shards"]] == [
+        f"similarities/similarities-0000{i}-of-00003.parquet" for i in range(3)
+    ]
+    assert sum(s["rows"] for s in report["shards"]) == 25
+    table = pq.read_table(tmp_path / "similarities")
+    assert sorted(table.column("pair_id").to_pylist()) == [r["pair_id"] for r in rows]
+    first = pq.read_table(tmp_path / report["shards"][0]["path"]).column("pair_id").to_pylist()
+    assert first == sorted(first)
+    assert isinstance(table.schema.field("similarity").type, pa.DataType)
