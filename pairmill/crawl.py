@@ -181,7 +181,9 @@ def _parquet_rows(split: Split):
 def _jsonl_rows(split: Split):
     import fsspec
 
-    with fsspec.open(split.path, "rt", encoding="utf-8", errors="replace", compression="infer") as f:
+    with fsspec.open(
+        split.path, "rt", encoding="utf-8", errors="replace", compression="infer"
+    ) as f:
         for number, line in enumerate(f):
             if not line.strip():  # blank lines are not records
                 continue

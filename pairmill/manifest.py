@@ -32,7 +32,9 @@ def prepare_output(out: str, overwrite: bool) -> None:
     fs, path = _fs(out)
     existing = [name for name in (*TABLES, MANIFEST, REPORT) if fs.exists(f"{path}/{name}")]
     if existing and not overwrite:
-        raise ConfigError(f"{out} already holds a run ({existing[0]}): pass --overwrite or another --out")
+        raise ConfigError(
+            f"{out} already holds a run ({existing[0]}): pass --overwrite or another --out"
+        )
     for name in existing:
         fs.rm(f"{path}/{name}", recursive=True)
     fs.makedirs(path, exist_ok=True)
@@ -44,8 +46,14 @@ def read_report(out: str) -> dict[str, Any]:
         return json.loads(handle.read())
 
 
-def finish_run(out: str, config: dict[str, Any], encoder: dict[str, Any], seconds: float,
-               runner: str, pair_format: str) -> dict[str, Any]:
+def finish_run(
+    out: str,
+    config: dict[str, Any],
+    encoder: dict[str, Any],
+    seconds: float,
+    runner: str,
+    pair_format: str,
+) -> dict[str, Any]:
     """Write empty shards for empty tables, then `manifest.json`; return the manifest."""
     report = read_report(out)
     shards = report["shards"]
@@ -80,7 +88,9 @@ def finish_run(out: str, config: dict[str, Any], encoder: dict[str, Any], second
 
 def _counts(raw: dict[str, int]) -> dict[str, Any]:
     rejects = {
-        key.split(".", 1)[1]: value for key, value in sorted(raw.items()) if key.startswith("rejects.")
+        key.split(".", 1)[1]: value
+        for key, value in sorted(raw.items())
+        if key.startswith("rejects.")
     }
     return {
         "records_in": raw.get("records_in", 0),
@@ -105,9 +115,7 @@ def _tables(shards: list[dict[str, Any]], pair_format: str) -> dict[str, Any]:
             "schema": schemas.load(schema_name).id,
             "rows": sum(s["rows"] for s in mine),
             "bytes": sum(s["bytes"] for s in mine),
-            "shards": [
-                {k: s[k] for k in ("path", "rows", "bytes", "sha256")} for s in mine
-            ],
+            "shards": [{k: s[k] for k in ("path", "rows", "bytes", "sha256")} for s in mine],
         }
     return tables
 

@@ -71,14 +71,14 @@ def pair_episode(
     rows, cols = np.triu_indices(len(ids), k=1)
     values = sims[rows, cols]
     in_band = (values >= np.float32(low)) & (values <= np.float32(high))
-    pair_ids = [pair_id(episode_id, ids[i], ids[j]) for i, j in zip(rows, cols)]
+    pair_ids = [pair_id(episode_id, ids[i], ids[j]) for i, j in zip(rows, cols, strict=False)]
     if max_pairs is not None and int(in_band.sum()) > max_pairs:
         chosen = sorted((pair_ids[k] for k in np.flatnonzero(in_band)), key=_sample_key)
         selected = set(chosen[:max_pairs])
         in_band = np.array([pid in selected for pid in pair_ids])
     return [
         Candidate(pair_ids[k], episode_id, ids[i], ids[j], float(values[k]), bool(in_band[k]))
-        for k, (i, j) in enumerate(zip(rows, cols))
+        for k, (i, j) in enumerate(zip(rows, cols, strict=False))
     ]
 
 

@@ -40,7 +40,7 @@ def real_photos() -> list[tuple[str, np.ndarray]]:
             array = np.stack([array] * 3, axis=-1)
         photos.append((name, array[..., :3].astype(np.uint8)))
     datasets = require("sklearn.datasets", "samples")
-    for name, array in zip(("china", "flower"), datasets.load_sample_images().images):
+    for name, array in zip(("china", "flower"), datasets.load_sample_images().images, strict=False):
         photos.append((name, np.asarray(array, dtype=np.uint8)))
     return photos
 

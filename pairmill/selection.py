@@ -136,7 +136,9 @@ def load_bytes(record: CrawlRecord, max_bytes: int) -> CrawlRecord | Rejection:
     return record
 
 
-def first_per_episode(members: Iterable[CrawlRecord]) -> tuple[list[CrawlRecord], list[CrawlRecord]]:
+def first_per_episode(
+    members: Iterable[CrawlRecord],
+) -> tuple[list[CrawlRecord], list[CrawlRecord]]:
     """Split records of one content hash into (kept, duplicates): one kept per episode.
 
     The kept record of an episode is the one with the smallest image id, the

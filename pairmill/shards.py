@@ -66,7 +66,9 @@ def get_writer(fmt: str) -> ShardWriter:
     try:
         return _WRITERS[fmt]()
     except KeyError:
-        raise KeyError(f"no shard writer for {fmt!r}; known: {', '.join(sorted(_WRITERS))}") from None
+        raise KeyError(
+            f"no shard writer for {fmt!r}; known: {', '.join(sorted(_WRITERS))}"
+        ) from None
 
 
 def writer_formats() -> list[str]:
@@ -152,7 +154,13 @@ def write_bytes(url: str, data: bytes) -> None:
 
 
 def write_shard(
-    out: str, table: str, index: int, total: int, rows: list[dict[str, Any]], schema: Schema, fmt: str
+    out: str,
+    table: str,
+    index: int,
+    total: int,
+    rows: list[dict[str, Any]],
+    schema: Schema,
+    fmt: str,
 ) -> ShardInfo:
     """Encode rows with the format's writer and store them as one shard of `table`."""
     writer = get_writer(fmt)

@@ -472,7 +472,7 @@ class _SumPairs(beam.CombineFn):
         return (acc[0] + element[0], acc[1] + element[1])
 
     def merge_accumulators(self, accumulators):
-        return tuple(map(sum, zip(*accumulators))) if accumulators else (0, 0)
+        return tuple(map(sum, zip(*accumulators, strict=False))) if accumulators else (0, 0)
 
     def extract_output(self, acc):
         return acc

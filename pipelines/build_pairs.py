@@ -93,9 +93,7 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
     paired = embedded.light | "PairWithinEpisodes" >> PairWithinEpisodes(
         config.low, config.high, config.max_pairs_per_episode
     )
-    pair_rows = (embedded.images, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(
-        config.encoder
-    )
+    pair_rows = (embedded.images, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(config.encoder)
     image_rows = embedded.images | "ImageRows" >> beam.Values()
     rejects = (
         read[REJECTS],

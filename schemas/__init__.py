@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 
 # The current version of each table; bump it (and add a new JSON file) on any change.
-CURRENT = {"pair": "pair_v1", "image": "image_v1", "similarity": "similarity_v1", "reject": "reject_v1"}
+CURRENT = {
+    "pair": "pair_v1",
+    "image": "image_v1",
+    "similarity": "similarity_v1",
+    "reject": "reject_v1",
+}
 
 SCHEMA_METADATA_KEY = b"pairmill.schema"
 
@@ -107,7 +112,7 @@ _TF_TYPES = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(schema_id: str) -> Schema:
     """Load a schema by id (``pair_v1``) or table name (``pair``: the current version)."""
     schema_id = CURRENT.get(schema_id, schema_id)

@@ -40,8 +40,15 @@ def test_counts_reconcile_and_every_record_is_accounted_for(run_dir, sample_craw
     seen = {(r["source"], r["row"]) for r in images} | {(r["source"], r["row"]) for r in rejects}
     assert len(seen) == records_in  # each input record in exactly one place
     reasons = {r["reason"] for r in rejects}
-    assert {"duplicate", "decode_error", "too_small", "bad_aspect", "empty", "no_image_data",
-            "missing_field"} <= reasons
+    assert {
+        "duplicate",
+        "decode_error",
+        "too_small",
+        "bad_aspect",
+        "empty",
+        "no_image_data",
+        "missing_field",
+    } <= reasons
     assert all(r["detail"] for r in rejects)
 
 
@@ -61,8 +68,10 @@ def test_pairs_are_in_band_and_similarity_is_the_dot_product(run_dir):
         for side in ("cond", "target"):
             data = pair[f"{side}_image"]
             assert hashlib.sha256(data).hexdigest() == pair[f"{side}_sha256"]
-            assert Image.open(io.BytesIO(data)).size == (pair[f"{side}_width"],
-                                                         pair[f"{side}_height"])
+            assert Image.open(io.BytesIO(data)).size == (
+                pair[f"{side}_width"],
+                pair[f"{side}_height"],
+            )
     assert len({p["pair_id"] for p in pairs}) == len(pairs)
 
 
@@ -115,9 +124,24 @@ def test_refuses_to_overwrite_without_flag(run_dir, sample_crawl):
 
 
 def test_resize_and_reencode_and_pair_cap(sample_crawl, tmp_path):
-    manifest = build(sample_crawl, tmp_path, "--resize", "center_crop", "--image-size", "64",
-                     "--image-format", "webp", "--max-pairs-per-episode", "1", "--low", "-1",
-                     "--high", "1", "--shard-rows", "10")
+    manifest = build(
+        sample_crawl,
+        tmp_path,
+        "--resize",
+        "center_crop",
+        "--image-size",
+        "64",
+        "--image-format",
+        "webp",
+        "--max-pairs-per-episode",
+        "1",
+        "--low",
+        "-1",
+        "--high",
+        "1",
+        "--shard-rows",
+        "10",
+    )
     images = rows(tmp_path, "images")
     assert {(i["width"], i["height"], i["format"]) for i in images} == {(64, 64, "webp")}
     assert manifest["counts"]["kept_pairs"] == manifest["counts"]["episodes"]
@@ -129,8 +153,10 @@ def test_a_page_with_more_images_than_the_cap(tmp_path, photos):
 
     rng = np.random.default_rng(1)
     data = [jpeg_bytes(variant(photos[i % 5][1], rng, 70, 90)) for i in range(30)]
-    rows_in = [{"page_url": "https://hot.example/", "image_url": f"https://i/{i}.jpg",
-                "image": data[i]} for i in range(30)]
+    rows_in = [
+        {"page_url": "https://hot.example/", "image_url": f"https://i/{i}.jpg", "image": data[i]}
+        for i in range(30)
+    ]
     import pyarrow as pa
 
     pq.write_table(pa.Table.from_pylist(rows_in), tmp_path / "hot.parquet")

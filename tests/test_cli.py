@@ -12,7 +12,10 @@ from pairmill.cli import main
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, "-c", "from pairmill.cli import main; main()", *args],
-        capture_output=True, text=True, env={**os.environ, "PAIRMILL_DEBUG": ""}, timeout=300,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PAIRMILL_DEBUG": ""},
+        timeout=300,
     )
 
 
@@ -32,8 +35,16 @@ def test_bad_value_is_exit_2(capsys):
 
 def test_missing_input_is_one_line_and_exit_1(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["build", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o"),
-              "--encoder", "tiny"])
+        main(
+            [
+                "build",
+                str(tmp_path / "missing.parquet"),
+                "--out",
+                str(tmp_path / "o"),
+                "--encoder",
+                "tiny",
+            ]
+        )
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"pairmill: error: input not found: {tmp_path / 'missing.parquet'}"]
@@ -41,8 +52,20 @@ def test_missing_input_is_one_line_and_exit_1(tmp_path, capsys):
 
 def test_invalid_band_is_a_config_error(tmp_path, sample_crawl, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["build", str(sample_crawl), "--out", str(tmp_path), "--encoder", "tiny",
-              "--low", "0.9", "--high", "0.3"])
+        main(
+            [
+                "build",
+                str(sample_crawl),
+                "--out",
+                str(tmp_path),
+                "--encoder",
+                "tiny",
+                "--low",
+                "0.9",
+                "--high",
+                "0.3",
+            ]
+        )
     assert exc.value.code == 1
     assert "--low" in capsys.readouterr().err
 
@@ -67,18 +90,51 @@ def test_help_is_complete(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0
     if command == ["build"]:
-        for flag in ("--out", "--encoder", "--weights", "--low", "--high", "--format",
-                     "--max-images-per-episode", "--max-pairs-per-episode", "--min-side",
-                     "--max-aspect", "--resize", "--image-size", "--device", "--batch-size"):
+        for flag in (
+            "--out",
+            "--encoder",
+            "--weights",
+            "--low",
+            "--high",
+            "--format",
+            "--max-images-per-episode",
+            "--max-pairs-per-episode",
+            "--min-side",
+            "--max-aspect",
+            "--resize",
+            "--image-size",
+            "--device",
+            "--batch-size",
+        ):
             assert flag in result.stdout
 
 
 def test_build_prints_a_summary(tmp_path, sample_crawl, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["build", str(sample_crawl), "--out", str(tmp_path / "o"), "--encoder", "tiny",
-              "--device", "cpu", "--direct_num_workers", "1", "--quiet"])
+        main(
+            [
+                "build",
+                str(sample_crawl),
+                "--out",
+                str(tmp_path / "o"),
+                "--encoder",
+                "tiny",
+                "--device",
+                "cpu",
+                "--direct_num_workers",
+                "1",
+                "--quiet",
+            ]
+        )
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    for label in ("records in", "images accepted", "episodes", "candidate pairs", "kept pairs",
-                  "images/s", "rejected: duplicate"):
+    for label in (
+        "records in",
+        "images accepted",
+        "episodes",
+        "candidate pairs",
+        "kept pairs",
+        "images/s",
+        "rejected: duplicate",
+    ):
         assert label in out

@@ -36,8 +36,13 @@ def test_jsonl_with_base64_paths_and_bad_lines(tmp_path, jpeg_of):
     data = jpeg_of("coffee", (90, 60))
     (tmp_path / "img.jpg").write_bytes(data)
     lines = [
-        json.dumps({"page_url": "https://p", "image_url": "https://i/1",
-                    "image": base64.b64encode(data).decode()}),
+        json.dumps(
+            {
+                "page_url": "https://p",
+                "image_url": "https://i/1",
+                "image": base64.b64encode(data).decode(),
+            }
+        ),
         json.dumps({"page_url": "https://p", "image_url": "https://i/2", "image_path": "img.jpg"}),
         "{not json",
         "",

@@ -18,8 +18,12 @@ def test_hand_computed_similarities_and_band():
     pairs = {(p.cond_image_id, p.target_image_id): p for p in pair_episode("ep", images, 0.3, 0.9)}
     assert len(pairs) == 6  # 4 choose 2
     expected = {
-        ("a", "b"): 0.5, ("a", "c"): 1.0, ("a", "d"): 0.0,
-        ("b", "c"): 0.5, ("b", "d"): np.sqrt(3) / 2, ("c", "d"): 0.0,
+        ("a", "b"): 0.5,
+        ("a", "c"): 1.0,
+        ("a", "d"): 0.0,
+        ("b", "c"): 0.5,
+        ("b", "d"): np.sqrt(3) / 2,
+        ("c", "d"): 0.0,
     }
     for key, value in expected.items():
         assert pairs[key].similarity == pytest.approx(value, abs=1e-6)

@@ -47,9 +47,7 @@ def test_cap_keeps_the_smallest_url_hashes_whatever_the_order(chunks):
     assert set(selection.winners) == {r.key for r in expected}
     assert selection.cutoff == expected[-1].image_id
     # every record is kept, capped or (here none) a duplicate
-    outcomes = [
-        selection_outcome(r, r.key in selection.winners, selection.cutoff) for r in records
-    ]
+    outcomes = [selection_outcome(r, r.key in selection.winners, selection.cutoff) for r in records]
     assert sum(o is None for o in outcomes) == 10
     assert all(o.reason == CAPPED for o in outcomes if o is not None)
 

@@ -27,12 +27,15 @@ def rec(row, page="https://a.example/p", url=None, data=b"", path=None):
 
 def test_read_crawl(tmp_path):
     path = tmp_path / "c.jsonl"
-    path.write_text('{"page_url": "https://p", "image_url": "https://i", "image_path": "x"}\n{bad\n')
+    path.write_text(
+        '{"page_url": "https://p", "image_url": "https://i", "image_path": "x"}\n{bad\n'
+    )
     with pipeline() as p:
         out = p | t.ReadCrawl([str(path)])
         assert_that(out.records | beam.Map(lambda r: r.row), equal_to([0]), label="records")
         assert_that(
-            out[t.REJECTS] | beam.Map(lambda r: r["reason"]), equal_to(["malformed_record"]),
+            out[t.REJECTS] | beam.Map(lambda r: r["reason"]),
+            equal_to(["malformed_record"]),
             label="rejects",
         )
 
@@ -44,8 +47,11 @@ def test_group_into_episodes_caps_and_dedups():
     records.append(CrawlRecord("crawl.parquet", 999, None, "https://cdn/z.jpg", b"x"))
     with pipeline() as p:
         out = p | beam.Create(records) | t.GroupIntoEpisodes(cap=5)
-        assert_that(out["records"] | beam.Map(lambda r: r.row), equal_to(
-            [r.row for r in sorted(records[:20], key=lambda r: r.image_id)[:5]]), label="kept")
+        assert_that(
+            out["records"] | beam.Map(lambda r: r.row),
+            equal_to([r.row for r in sorted(records[:20], key=lambda r: r.image_id)[:5]]),
+            label="kept",
+        )
         reasons = out[t.REJECTS] | beam.Map(lambda r: r["reason"])
         assert_that(
             reasons | beam.combiners.Count.PerElement(),
@@ -100,8 +106,10 @@ def tiny_handler():
 
 
 def test_embed_images(jpeg_of, tiny_handler):
-    records = [_loaded(i, "https://a/p", f"https://i/{i}.jpg", jpeg_of(n, (120, 100)))
-               for i, n in enumerate(["chelsea", "coffee", "rocket"])]
+    records = [
+        _loaded(i, "https://a/p", f"https://i/{i}.jpg", jpeg_of(n, (120, 100)))
+        for i, n in enumerate(["chelsea", "coffee", "rocket"])
+    ]
     with pipeline() as p:
         decoded = p | beam.Create(records) | t.DecodeImages(DecodeConfig(), "tiny")
         out = decoded.decoded | t.EmbedImages(tiny_handler, "tiny")
@@ -116,37 +124,68 @@ def test_pair_within_episodes():
         v = np.asarray(v, dtype=np.float32)
         return v / np.linalg.norm(v)
 
-    light = [("e1", ("a", unit(1, 0))), ("e1", ("b", unit(1, 1))), ("e1", ("c", unit(0, 1))),
-             ("e2", ("d", unit(1, 0)))]
+    light = [
+        ("e1", ("a", unit(1, 0))),
+        ("e1", ("b", unit(1, 1))),
+        ("e1", ("c", unit(0, 1))),
+        ("e2", ("d", unit(1, 0))),
+    ]
     with pipeline() as p:
         out = p | beam.Create(light) | t.PairWithinEpisodes(0.5, 0.9, None)
-        assert_that(out.similarities | beam.Map(lambda r: r["kept"]),
-                    equal_to([True, False, True]), label="sims")
-        assert_that(out.pairs | beam.Map(lambda kv: (kv[1].cond_image_id, kv[1].target_image_id)),
-                    equal_to([("a", "b"), ("b", "c")]), label="pairs")
+        assert_that(
+            out.similarities | beam.Map(lambda r: r["kept"]),
+            equal_to([True, False, True]),
+            label="sims",
+        )
+        assert_that(
+            out.pairs | beam.Map(lambda kv: (kv[1].cond_image_id, kv[1].target_image_id)),
+            equal_to([("a", "b"), ("b", "c")]),
+            label="pairs",
+        )
         assert_that(out.episodes | beam.combiners.Count.Globally(), equal_to([2]), label="eps")
 
 
 def test_join_pair_bytes():
-    image = {"image_id": "a", "page_url": "https://p/", "url": "u", "sha256": "s", "width": 1,
-             "height": 1, "image": b"A", "embedding": [1.0]}
+    image = {
+        "image_id": "a",
+        "page_url": "https://p/",
+        "url": "u",
+        "sha256": "s",
+        "width": 1,
+        "height": 1,
+        "image": b"A",
+        "embedding": [1.0],
+    }
     other = dict(image, image_id="b", image=b"B")
     cand = Candidate("pid", "e1", "a", "b", 0.5, True)
     with pipeline() as p:
         images = p | "I" >> beam.Create([("e1", image), ("e1", other), ("e2", image)])
         pairs = p | "P" >> beam.Create([("e1", cand)])
         rows = (images, pairs) | t.JoinPairBytes("tiny")
-        assert_that(rows | beam.Map(lambda r: (r["cond_image"], r["target_image"], r["encoder"])),
-                    equal_to([(b"A", b"B", "tiny")]))
+        assert_that(
+            rows | beam.Map(lambda r: (r["cond_image"], r["target_image"], r["encoder"])),
+            equal_to([(b"A", b"B", "tiny")]),
+        )
 
 
 def test_write_shards_and_report(tmp_path):
-    rows = [{"pair_id": f"p{i:03d}", "episode_id": "e", "cond_image_id": "a",
-             "target_image_id": "b", "similarity": 0.5, "kept": bool(i % 2)} for i in range(25)]
+    rows = [
+        {
+            "pair_id": f"p{i:03d}",
+            "episode_id": "e",
+            "cond_image_id": "a",
+            "target_image_id": "b",
+            "similarity": 0.5,
+            "kept": bool(i % 2),
+        }
+        for i in range(25)
+    ]
     out = str(tmp_path)
     with pipeline() as p:
-        shards = p | beam.Create(rows) | t.WriteShards(
-            out, "similarities", "similarity_v1", "parquet", "pair_id", 10, 256.0
+        shards = (
+            p
+            | beam.Create(rows)
+            | t.WriteShards(out, "similarities", "similarity_v1", "parquet", "pair_id", 10, 256.0)
         )
         counts = p | "C" >> beam.Create([("kept_pairs", 12), ("kept_pairs", 1)])
         _ = (shards, counts) | t.WriteReport(f"{out}/_report.json")

@@ -47,7 +47,9 @@ def test_different_pages_stay_different():
     assert len({a, b, c}) == 3
 
 
-@pytest.mark.parametrize("bad", ["", "   ", "not a url", "/relative/path", "http://", "http://x:99999/"])
+@pytest.mark.parametrize(
+    "bad", ["", "   ", "not a url", "/relative/path", "http://", "http://x:99999/"]
+)
 def test_bad_urls_raise(bad):
     with pytest.raises(BadUrl):
         canonicalize_url(bad)

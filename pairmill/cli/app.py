@@ -49,26 +49,38 @@ def build(
     inputs: Annotated[list[str], typer.Argument(help="Crawl files, directories or globs.")],
     out: Annotated[str, typer.Option("--out", help="Run directory (path or fsspec URL).")],
     encoder: Annotated[
-        str, typer.Option(help="Encoder preset: dinov2-vits14|dinov2-vitb14|dinov2-vitl14|"
-                          "clip-vitb32|clip-vitb16|clip-vitl14|siglip-vitb16|tiny.")
+        str,
+        typer.Option(
+            help="Encoder preset: dinov2-vits14|dinov2-vitb14|dinov2-vitl14|"
+            "clip-vitb32|clip-vitb16|clip-vitl14|siglip-vitb16|tiny."
+        ),
     ] = "dinov2-vitb14",
     weights: Annotated[
         Optional[str],
-        typer.Option(help="Checkpoint file (.safetensors/.pt), or 'random' (seeded, not "
-                     "semantic). Default: the Hugging Face cache, never downloaded."),
+        typer.Option(
+            help="Checkpoint file (.safetensors/.pt), or 'random' (seeded, not "
+            "semantic). Default: the Hugging Face cache, never downloaded."
+        ),
     ] = None,
-    low: Annotated[Optional[float], typer.Option(help="Lower similarity (default: preset's).")] = None,
-    high: Annotated[Optional[float], typer.Option(help="Upper similarity (default: preset's).")] = None,
+    low: Annotated[
+        Optional[float], typer.Option(help="Lower similarity (default: preset's).")
+    ] = None,
+    high: Annotated[
+        Optional[float], typer.Option(help="Upper similarity (default: preset's).")
+    ] = None,
     format: Annotated[str, typer.Option("--format", help="Pair shard format.")] = "parquet",
     max_images_per_episode: Annotated[int, typer.Option(help="Cap of images per page.")] = 64,
     max_pairs_per_episode: Annotated[
         Optional[int], typer.Option(help="Keep at most N in-band pairs per page (sampled).")
     ] = None,
-    min_side: Annotated[int, typer.Option(help="Reject images whose shorter side is smaller.")] = 64,
-    max_aspect: Annotated[float, typer.Option(help="Reject images longer/shorter above this.")] = 3.0,
-    max_pixels: Annotated[
-        int, typer.Option(help="Decompression-bomb limit (width*height).")
-    ] = 64 * 2**20,
+    min_side: Annotated[
+        int, typer.Option(help="Reject images whose shorter side is smaller.")
+    ] = 64,
+    max_aspect: Annotated[
+        float, typer.Option(help="Reject images longer/shorter above this.")
+    ] = 3.0,
+    max_pixels: Annotated[int, typer.Option(help="Decompression-bomb limit (width*height).")] = 64
+    * 2**20,
     resize: Annotated[
         str, typer.Option(help="Stored images: no|keep_ratio|center_crop|border.")
     ] = "no",
@@ -85,8 +97,9 @@ def build(
     shard_size_mb: Annotated[float, typer.Option(help="Target MB per shard.")] = 256.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary.")] = False,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the manifest counts as JSON.")]
-    = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print the manifest counts as JSON.")
+    ] = False,
 ) -> None:
     from pipelines import build_pairs
 
@@ -149,8 +162,10 @@ def demo(
         [str(crawl), "--out", str(run_dir), "--encoder", "tiny", "--overwrite", "--device", "cpu"]
     )
     render.summary(result.pairmill_manifest, str(run_dir))
-    print(f"\nsample crawl: {crawl}\nrun:          {run_dir}  (manifest.json, pairs/, images/, "
-          "similarities/, rejects/)")
+    print(
+        f"\nsample crawl: {crawl}\nrun:          {run_dir}  (manifest.json, pairs/, images/, "
+        "similarities/, rejects/)"
+    )
     print("the tiny encoder has random weights: its similarities are not semantic.")
 
 

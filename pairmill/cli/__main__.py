@@ -1,0 +1,3 @@
+from pairmill.cli import main
+
+main()
