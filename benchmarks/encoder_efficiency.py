@@ -15,7 +15,7 @@ before and after the build and the faster of the two is used, so the ratio is
 not flattered by a slow baseline. Random weights (`--weights random`): the
 timing is that of the real architecture; nothing here is semantic.
 
-    python benchmarks/encoder_efficiency.py --n 1024 --encoder clip-vitb32
+    python benchmarks/encoder_efficiency.py --n 2048 --encoder clip-vitb32
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run_build(crawl: Path, out: Path, encoder: str, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=1024, help="distinct images")
+    parser.add_argument("--n", type=int, default=2048, help="distinct images")
     parser.add_argument("--per-page", type=int, default=8)
     parser.add_argument("--encoder", default="clip-vitb32")
     parser.add_argument("--batch-size", type=int, default=32)

@@ -9,7 +9,8 @@ from pairmill.errors import ConfigError
 DEFAULT_MAX_IMAGES_PER_EPISODE = 64
 DEFAULT_MAX_FILE_BYTES = 20 * 2**20
 DEFAULT_SHARD_SIZE_MB = 256.0
-FORMATS = ("parquet",)
+FORMATS = ("parquet", "tfrecord")
+COMPRESSIONS = ("none", "gzip")
 
 
 @dataclass
@@ -22,7 +23,8 @@ class BuildConfig:
       encoder: encoder preset name.
       weights: None (hub cache), "random", or a local checkpoint path.
       low, high: the similarity band; None takes the encoder preset's.
-      format: pair shard format.
+      format: pair shard format (parquet or tfrecord).
+      compression: TFRecord compression (none or gzip).
       max_images_per_episode: the cap per page.
       max_pairs_per_episode: keep at most this many in-band pairs per page.
       min_side, max_aspect, max_pixels: decode filters.
@@ -42,6 +44,7 @@ class BuildConfig:
     low: float | None = None
     high: float | None = None
     format: str = "parquet"
+    compression: str = "none"
     max_images_per_episode: int = DEFAULT_MAX_IMAGES_PER_EPISODE
     max_pairs_per_episode: int | None = None
     min_side: int = 64
@@ -73,6 +76,14 @@ class BuildConfig:
         _check(-1.0 <= self.high <= 1.0, f"--high must be in [-1, 1], got {self.high}")
         _check(self.low <= self.high, f"--low ({self.low}) must not exceed --high ({self.high})")
         _check(self.format in FORMATS, f"--format must be one of {', '.join(FORMATS)}")
+        _check(
+            self.compression in COMPRESSIONS,
+            f"--compression must be one of {', '.join(COMPRESSIONS)}",
+        )
+        _check(
+            self.compression == "none" or self.format == "tfrecord",
+            "--compression applies to --format tfrecord (Parquet compresses per column)",
+        )
         _check(self.max_images_per_episode >= 2, "--max-images-per-episode must be at least 2")
         _check(
             self.max_pairs_per_episode is None or self.max_pairs_per_episode >= 1,
@@ -98,6 +109,10 @@ class BuildConfig:
             image_format=self.image_format,
             quality=self.quality,
         )
+
+    def writer_options(self) -> dict:
+        """Options of the pair shard writer."""
+        return {"compression": self.compression} if self.format == "tfrecord" else {}
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -53,14 +53,15 @@ def finish_run(
     seconds: float,
     runner: str,
     pair_format: str,
+    pair_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write empty shards for empty tables, then `manifest.json`; return the manifest."""
     report = read_report(out)
     shards = report["shards"]
     for table, schema_name in TABLES.items():
         if not any(s["table"] == table for s in shards):
-            fmt = pair_format if table == "pairs" else "parquet"
-            info = write_shard(out, table, 0, 1, [], schemas.load(schema_name), fmt)
+            fmt, options = _format_of(table, pair_format, pair_options)
+            info = write_shard(out, table, 0, 1, [], schemas.load(schema_name), fmt, options)
             shards.append(info.to_dict())
     counts = _counts(report["counts"])
     manifest = {
@@ -73,7 +74,7 @@ def finish_run(
         "thresholds": {"low": config["low"], "high": config["high"]},
         "counts": counts,
         "reconciled": counts["records_in"] == counts["images"] + counts["rejected"],
-        "tables": _tables(shards, pair_format),
+        "tables": _tables(shards, pair_format, pair_options),
         "timing": {
             "seconds": round(seconds, 3),
             "images_per_second": round(counts["images"] / seconds, 2) if seconds > 0 else None,
@@ -104,14 +105,24 @@ def _counts(raw: dict[str, int]) -> dict[str, Any]:
     }
 
 
-def _tables(shards: list[dict[str, Any]], pair_format: str) -> dict[str, Any]:
+def _format_of(table: str, pair_format: str, pair_options: dict[str, Any] | None):
+    """Pairs use the chosen format; the other tables are always Parquet."""
+    if table == "pairs":
+        return pair_format, dict(pair_options or {})
+    return "parquet", {}
+
+
+def _tables(
+    shards: list[dict[str, Any]], pair_format: str, pair_options: dict[str, Any] | None
+) -> dict[str, Any]:
     tables = {}
     for table, schema_name in TABLES.items():
         mine = sorted((s for s in shards if s["table"] == table), key=lambda s: s["path"])
-        fmt = pair_format if table == "pairs" else "parquet"
+        fmt, options = _format_of(table, pair_format, pair_options)
         tables[table] = {
             "format": fmt,
-            "extension": get_writer(fmt).extension,
+            "options": options,
+            "extension": get_writer(fmt, **options).extension,
             "schema": schemas.load(schema_name).id,
             "rows": sum(s["rows"] for s in mine),
             "bytes": sum(s["bytes"] for s in mine),

@@ -49,11 +49,23 @@ class ShardInfo:
 
 
 class ShardWriter(Protocol):
+    """Turns rows into the bytes of one shard.
+
+    Writers are built as ``cls(**options)`` (e.g. ``compression="gzip"``) and expose
+    the file extension their options imply.
+    """
+
     format: str
-    extension: str
+
+    @property
+    def extension(self) -> str: ...
 
     def encode(self, rows: list[dict[str, Any]], schema: Schema) -> bytes:
         """Serialise rows (already in their final order) into one shard's bytes."""
+
+
+# Writers living in modules with optional dependencies register when first asked for.
+_LAZY_WRITERS = {"tfrecord": "pairmill.tfrecord"}
 
 
 def register_writer(cls: type[ShardWriter]) -> type[ShardWriter]:
@@ -62,17 +74,23 @@ def register_writer(cls: type[ShardWriter]) -> type[ShardWriter]:
     return cls
 
 
-def get_writer(fmt: str) -> ShardWriter:
+def get_writer(fmt: str, **options: Any) -> ShardWriter:
+    """The writer for a format, built with its options."""
+    if fmt not in _WRITERS and fmt in _LAZY_WRITERS:
+        import importlib
+
+        importlib.import_module(_LAZY_WRITERS[fmt])
     try:
-        return _WRITERS[fmt]()
+        cls = _WRITERS[fmt]
     except KeyError:
         raise KeyError(
-            f"no shard writer for {fmt!r}; known: {', '.join(sorted(_WRITERS))}"
+            f"no shard writer for {fmt!r}; known: {', '.join(writer_formats())}"
         ) from None
+    return cls(**options)
 
 
 def writer_formats() -> list[str]:
-    return sorted(_WRITERS)
+    return sorted(set(_WRITERS) | set(_LAZY_WRITERS))
 
 
 @register_writer
@@ -81,6 +99,10 @@ class ParquetWriter:
 
     format = "parquet"
     extension = ".parquet"
+
+    def __init__(self, **options: Any):
+        if options:
+            raise ValueError(f"parquet shards take no options, got {sorted(options)}")
 
     def encode(self, rows: list[dict[str, Any]], schema: Schema) -> bytes:
         import pyarrow as pa
@@ -161,9 +183,10 @@ def write_shard(
     rows: list[dict[str, Any]],
     schema: Schema,
     fmt: str,
+    options: dict[str, Any] | None = None,
 ) -> ShardInfo:
     """Encode rows with the format's writer and store them as one shard of `table`."""
-    writer = get_writer(fmt)
+    writer = get_writer(fmt, **(options or {}))
     data = writer.encode(rows, schema)
     relative = shard_name(table, index, total, writer.extension)
     write_bytes(f"{out.rstrip('/')}/{relative}", data)

@@ -393,9 +393,9 @@ class JoinPairBytes(beam.PTransform):
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, out: str, table: str, schema_id: str, fmt: str, id_field: str):
+    def __init__(self, out, table, schema_id, fmt, id_field, options):
         self.out, self.table, self.schema_id = out, table, schema_id
-        self.fmt, self.id_field = fmt, id_field
+        self.fmt, self.id_field, self.options = fmt, id_field, options
 
     def process(self, element, plan):
         import schemas
@@ -403,8 +403,9 @@ class _WriteShard(beam.DoFn):
 
         index, shard_rows = element
         ordered = sorted(shard_rows, key=lambda row: _sort_key(row, self.id_field))
+        schema = schemas.load(self.schema_id)
         info = write_shard(
-            self.out, self.table, index, plan, ordered, schemas.load(self.schema_id), self.fmt
+            self.out, self.table, index, plan, ordered, schema, self.fmt, self.options
         )
         yield info.to_dict()
 
@@ -426,12 +427,16 @@ class WriteShards(beam.PTransform):
       fmt: writer format.
       id_field: the row id used for sharding and ordering.
       shard_rows, shard_size_mb: sizing targets.
+      options: writer options (e.g. ``{"compression": "gzip"}`` for TFRecord).
     """
 
-    def __init__(self, out, table, schema_id, fmt, id_field, shard_rows, shard_size_mb):
+    def __init__(
+        self, out, table, schema_id, fmt, id_field, shard_rows, shard_size_mb, options=None
+    ):
         super().__init__()
         self.out, self.table, self.schema_id, self.fmt = out, table, schema_id, fmt
         self.id_field, self.shard_rows, self.shard_size_mb = id_field, shard_rows, shard_size_mb
+        self.options = dict(options or {})
 
     def expand(self, table_rows):
         from pairmill.shards import row_size, shard_count, shard_index
@@ -453,7 +458,9 @@ class WriteShards(beam.PTransform):
             | "Group" >> beam.GroupByKey()
             | "Write"
             >> beam.ParDo(
-                _WriteShard(self.out, self.table, self.schema_id, self.fmt, self.id_field),
+                _WriteShard(
+                    self.out, self.table, self.schema_id, self.fmt, self.id_field, self.options
+                ),
                 beam.pvalue.AsSingleton(plan),
             )
         )

@@ -20,6 +20,7 @@ from pairmill.config import BuildConfig
 from pairmill.crawl import expand_inputs
 from pairmill.embedding import EncoderModelHandler
 from pairmill.encoders import DEFAULT_ENCODER, get_preset, resolve_device, resolve_weights
+from pairmill.errors import PairmillError
 from pairmill.transforms import (
     REJECTS,
     DecodeImages,
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--low", type=float, default=None)
     p.add_argument("--high", type=float, default=None)
     p.add_argument("--format", default="parquet")
+    p.add_argument("--compression", default="none")
     p.add_argument("--max-images-per-episode", type=int, default=64)
     p.add_argument("--max-pairs-per-episode", type=_optional_int, default=None)
     p.add_argument("--min-side", type=int, default=64)
@@ -102,13 +104,13 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         decoded[REJECTS],
     ) | "AllRejects" >> beam.Flatten()
 
-    def write(table, rows_pc, schema, fmt, id_field):
+    def write(table, rows_pc, schema, fmt, id_field, options=None):
         return rows_pc | f"Write{table.title()}" >> WriteShards(
-            out, table, schema, fmt, id_field, config.shard_rows, config.shard_size_mb
+            out, table, schema, fmt, id_field, config.shard_rows, config.shard_size_mb, options
         )
 
     shards = (
-        write("pairs", pair_rows, "pair_v1", config.format, "pair_id"),
+        write("pairs", pair_rows, "pair_v1", config.format, "pair_id", config.writer_options()),
         write("images", image_rows, "image_v1", "parquet", "image_id"),
         write("similarities", paired.similarities, "similarity_v1", "parquet", "pair_id"),
         write("rejects", rejects, "reject_v1", "parquet", "reject_id"),
@@ -155,8 +157,20 @@ def run(argv: list[str] | None = None, test_pipeline=None):
         "weights": weights.to_dict() if hasattr(weights, "to_dict") else vars(weights),
     }
     result.pairmill_manifest = manifest.finish_run(
-        config.out, config.to_dict(), encoder, seconds, runner, config.format
+        config.out,
+        config.to_dict(),
+        encoder,
+        seconds,
+        runner,
+        config.format,
+        config.writer_options(),
     )
+    if not result.pairmill_manifest["reconciled"]:
+        counts = result.pairmill_manifest["counts"]
+        raise PairmillError(
+            f"counts do not reconcile: {counts['records_in']} records in, {counts['images']} "
+            f"images + {counts['rejected']} rejects; see {config.out}/manifest.json"
+        )
     return result
 
 

@@ -68,7 +68,10 @@ def build(
     high: Annotated[
         Optional[float], typer.Option(help="Upper similarity (default: preset's).")
     ] = None,
-    format: Annotated[str, typer.Option("--format", help="Pair shard format.")] = "parquet",
+    format: Annotated[
+        str, typer.Option("--format", help="Pair shard format: parquet|tfrecord.")
+    ] = "parquet",
+    compression: Annotated[str, typer.Option(help="TFRecord compression: none|gzip.")] = "none",
     max_images_per_episode: Annotated[int, typer.Option(help="Cap of images per page.")] = 64,
     max_pairs_per_episode: Annotated[
         Optional[int], typer.Option(help="Keep at most N in-band pairs per page (sampled).")
@@ -105,6 +108,7 @@ def build(
 
     inputs, beam_args = render.split_beam_args([*inputs, *ctx.args])
     argv = [*inputs, "--out", out, "--encoder", encoder, "--format", format]
+    argv += ["--compression", compression]
     for flag, value in (
         ("--weights", weights),
         ("--low", low),
@@ -174,3 +178,17 @@ def version() -> None:
     from pairmill import __version__
 
     print(__version__)
+
+
+# Each analysis command lives in its own module with a `register(app)` function.
+_COMMAND_MODULES = ("cmd_validate", "cmd_inspect", "cmd_hist", "cmd_calibrate")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for name in _COMMAND_MODULES:
+        importlib.import_module(f"pairmill.cli.{name}").register(app)
+
+
+_register_commands()

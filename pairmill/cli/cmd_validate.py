@@ -1,0 +1,5 @@
+"""`pairmill validate` (being written)."""
+
+
+def register(app) -> None:
+    """Add the command to the typer app."""
