@@ -35,6 +35,7 @@ class BuildConfig:
       seed: seed of random weights.
       shard_rows, shard_size_mb: shard sizing targets.
       overwrite: replace an existing run in `out`.
+      from_run: the run this one re-filters (no crawl input then).
     """
 
     inputs: list[str]
@@ -61,6 +62,7 @@ class BuildConfig:
     shard_rows: int | None = None
     shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
     overwrite: bool = False
+    from_run: str | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> BuildConfig:

@@ -16,7 +16,7 @@ from pairmill.errors import ConfigError
 from pairmill.shards import get_writer, write_bytes, write_shard
 
 TABLES = {"pairs": "pair", "images": "image", "similarities": "similarity", "rejects": "reject"}
-REPORT = "_report.json"
+REPORT = "_report.json"  # == rows.REPORT_NAME
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -54,6 +54,7 @@ def finish_run(
     runner: str,
     pair_format: str,
     pair_options: dict[str, Any] | None = None,
+    from_run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write empty shards for empty tables, then `manifest.json`; return the manifest."""
     report = read_report(out)
@@ -74,6 +75,7 @@ def finish_run(
         "thresholds": {"low": config["low"], "high": config["high"]},
         "counts": counts,
         "reconciled": counts["records_in"] == counts["images"] + counts["rejected"],
+        "from_run": from_run,
         "tables": _tables(shards, pair_format, pair_options),
         "timing": {
             "seconds": round(seconds, 3),
@@ -85,6 +87,18 @@ def finish_run(
     write_bytes(f"{out.rstrip('/')}/{MANIFEST}", (json.dumps(manifest, indent=2) + "\n").encode())
     fs.rm(f"{path}/{REPORT}")
     return manifest
+
+
+def check_reconciled(manifest: dict[str, Any], out: str) -> None:
+    """Raise if the run lost or double-counted records (the manifest is written first)."""
+    from pairmill.errors import PairmillError
+
+    if not manifest["reconciled"]:
+        counts = manifest["counts"]
+        raise PairmillError(
+            f"counts do not reconcile: {counts['records_in']} records in, {counts['images']} "
+            f"images + {counts['rejected']} rejects; see {out}/manifest.json"
+        )
 
 
 def _counts(raw: dict[str, int]) -> dict[str, Any]:

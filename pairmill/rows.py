@@ -59,6 +59,30 @@ def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: s
     return row
 
 
+REPORT_NAME = "_report.json"
+
+
+def table_splits(url: str) -> list[tuple[str, int]]:
+    """(file, row group) pieces of one Parquet shard."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(url, "rb") as handle:
+        groups = pq.ParquetFile(handle).metadata.num_row_groups
+    return [(url, group) for group in range(groups)]
+
+
+def read_table_split(split: tuple[str, int]):
+    """The rows of one Parquet row group, as dicts."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    url, group = split
+    with fsspec.open(url, "rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(batch_size=256, row_groups=[group]):
+            yield from batch.to_pylist()
+
+
 def write_report(url: str, items: list[tuple[str, Any]]) -> str:
     """Write shard infos and counts as one JSON object (the driver reads it)."""
     from pairmill.shards import write_bytes

@@ -485,6 +485,84 @@ class _SumPairs(beam.CombineFn):
         return acc
 
 
+class ReadRunTable(beam.PTransform):
+    """Rows of one table of an earlier run, read by Parquet row group.
+
+    Args:
+      urls: the table's shard files (from that run's manifest).
+    """
+
+    def __init__(self, urls: list[str]):
+        super().__init__()
+        self.urls = urls
+
+    def expand(self, pbegin):
+        return (
+            pbegin
+            | "Shards" >> beam.Create(self.urls)
+            | "RowGroups" >> beam.FlatMap(rows.table_splits)
+            | "Spread" >> beam.Reshuffle()
+            | "Read" >> beam.FlatMap(rows.read_table_split)
+        )
+
+
+class WriteRun(beam.PTransform):
+    """Write a run's four tables as shards plus the report the driver turns into the manifest.
+
+    Input: a dict with "pairs", "images", "similarities" and "rejects" (row dicts)
+    and "counts" ((name, n) tuples for what the tables cannot tell: records_in,
+    unique_images, episodes). Rows per table and rejects per reason are counted here.
+
+    Args:
+      out: the run directory.
+      pair_format, pair_options: the pair shard writer and its options.
+      shard_rows, shard_size_mb: sizing targets.
+    """
+
+    TABLES = (
+        ("pairs", "pair_v1", "pair_id"),
+        ("images", "image_v1", "image_id"),
+        ("similarities", "similarity_v1", "pair_id"),
+        ("rejects", "reject_v1", "reject_id"),
+    )
+
+    def __init__(self, out, pair_format, pair_options, shard_rows, shard_size_mb):
+        super().__init__()
+        self.out, self.pair_format, self.pair_options = out.rstrip("/"), pair_format, pair_options
+        self.shard_rows, self.shard_size_mb = shard_rows, shard_size_mb
+
+    def expand(self, tables):
+        shards = []
+        for table, schema, id_field in self.TABLES:
+            fmt, options = (
+                (self.pair_format, self.pair_options) if table == "pairs" else ("parquet", {})
+            )
+            shards.append(
+                tables[table]
+                | f"Write{table.title()}"
+                >> WriteShards(
+                    self.out,
+                    table,
+                    schema,
+                    fmt,
+                    id_field,
+                    self.shard_rows,
+                    self.shard_size_mb,
+                    options,
+                )
+            )
+        counts = (
+            tables["counts"],
+            tables["rejects"] | "CountRejects" >> beam.Map(lambda r: (f"rejects.{r['reason']}", 1)),
+            tables["images"] | "CountImages" >> beam.Map(lambda _: ("images", 1)),
+            tables["similarities"]
+            | "CountCandidates" >> beam.Map(lambda _: ("candidate_pairs", 1)),
+            tables["pairs"] | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
+        ) | "AllCounts" >> beam.Flatten()
+        all_shards = tuple(shards) | "AllShards" >> beam.Flatten()
+        return (all_shards, counts) | "WriteReport" >> WriteReport(f"{self.out}/{rows.REPORT_NAME}")
+
+
 class WriteReport(beam.PTransform):
     """Collect shard infos and counts into one small JSON file for the driver.
 

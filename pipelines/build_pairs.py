@@ -20,7 +20,6 @@ from pairmill.config import BuildConfig
 from pairmill.crawl import expand_inputs
 from pairmill.embedding import EncoderModelHandler
 from pairmill.encoders import DEFAULT_ENCODER, get_preset, resolve_device, resolve_weights
-from pairmill.errors import PairmillError
 from pairmill.transforms import (
     REJECTS,
     DecodeImages,
@@ -30,8 +29,7 @@ from pairmill.transforms import (
     LoadImageBytes,
     PairWithinEpisodes,
     ReadCrawl,
-    WriteReport,
-    WriteShards,
+    WriteRun,
 )
 
 DEFAULT_RUNNER = "FnApiRunner"
@@ -82,7 +80,6 @@ def parse_known_args(argv: list[str] | None) -> tuple[BuildConfig, list[str]]:
 
 def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> None:
     """Chain the build's stages onto pipeline `p`."""
-    out = config.out.rstrip("/")
     read = p | "ReadCrawl" >> ReadCrawl(files)
     episodes = read.records | "GroupIntoEpisodes" >> GroupIntoEpisodes(
         config.max_images_per_episode
@@ -96,36 +93,28 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         config.low, config.high, config.max_pairs_per_episode
     )
     pair_rows = (embedded.images, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(config.encoder)
-    image_rows = embedded.images | "ImageRows" >> beam.Values()
     rejects = (
         read[REJECTS],
         episodes[REJECTS],
         loaded[REJECTS],
         decoded[REJECTS],
     ) | "AllRejects" >> beam.Flatten()
-
-    def write(table, rows_pc, schema, fmt, id_field, options=None):
-        return rows_pc | f"Write{table.title()}" >> WriteShards(
-            out, table, schema, fmt, id_field, config.shard_rows, config.shard_size_mb, options
-        )
-
-    shards = (
-        write("pairs", pair_rows, "pair_v1", config.format, "pair_id", config.writer_options()),
-        write("images", image_rows, "image_v1", "parquet", "image_id"),
-        write("similarities", paired.similarities, "similarity_v1", "parquet", "pair_id"),
-        write("rejects", rejects, "reject_v1", "parquet", "reject_id"),
-    ) | "AllShards" >> beam.Flatten()
     counts = (
         read.records | "CountRead" >> beam.Map(lambda _: ("records_in", 1)),
         read[REJECTS] | "CountUnreadable" >> beam.Map(lambda _: ("records_in", 1)),
-        rejects | "CountRejects" >> beam.Map(lambda r: (f"rejects.{r['reason']}", 1)),
-        image_rows | "CountImages" >> beam.Map(lambda _: ("images", 1)),
         decoded.decoded | "CountUnique" >> beam.Map(lambda _: ("unique_images", 1)),
         paired.episodes | "CountEpisodes" >> beam.Map(lambda _: ("episodes", 1)),
-        paired.similarities | "CountCandidates" >> beam.Map(lambda _: ("candidate_pairs", 1)),
-        paired.pairs | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
-    ) | "AllCounts" >> beam.Flatten()
-    _ = (shards, counts) | "WriteReport" >> WriteReport(f"{out}/{manifest.REPORT}")
+    ) | "Counts" >> beam.Flatten()
+    tables = {
+        "pairs": pair_rows,
+        "images": embedded.images | "ImageRows" >> beam.Values(),
+        "similarities": paired.similarities,
+        "rejects": rejects,
+        "counts": counts,
+    }
+    _ = tables | "WriteRun" >> WriteRun(
+        config.out, config.format, config.writer_options(), config.shard_rows, config.shard_size_mb
+    )
 
 
 def run(argv: list[str] | None = None, test_pipeline=None):
@@ -165,12 +154,7 @@ def run(argv: list[str] | None = None, test_pipeline=None):
         config.format,
         config.writer_options(),
     )
-    if not result.pairmill_manifest["reconciled"]:
-        counts = result.pairmill_manifest["counts"]
-        raise PairmillError(
-            f"counts do not reconcile: {counts['records_in']} records in, {counts['images']} "
-            f"images + {counts['rejected']} rejects; see {config.out}/manifest.json"
-        )
+    manifest.check_reconciled(result.pairmill_manifest, config.out)
     return result
 
 

@@ -200,3 +200,52 @@ def test_write_shards_and_report(tmp_path):
     first = pq.read_table(tmp_path / report["shards"][0]["path"]).column("pair_id").to_pylist()
     assert first == sorted(first)
     assert isinstance(table.schema.field("similarity").type, pa.DataType)
+
+
+def test_read_run_table(tmp_path):
+    import schemas
+
+    rows = [
+        {
+            "pair_id": f"p{i}",
+            "episode_id": "e",
+            "cond_image_id": "a",
+            "target_image_id": "b",
+            "similarity": 0.1 * i,
+            "kept": True,
+        }
+        for i in range(7)
+    ]
+    path = tmp_path / "s.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=schemas.load("similarity").arrow()),
+        path,
+        row_group_size=3,
+    )
+    with pipeline() as p:
+        out = p | t.ReadRunTable([str(path)])
+        assert_that(out | beam.Map(lambda r: r["pair_id"]), equal_to([r["pair_id"] for r in rows]))
+
+
+def test_write_run_counts_tables(tmp_path):
+    reject = {
+        "image_url": "u",
+        "page_url": "p",
+        "episode_id": None,
+        "reason": "empty",
+        "detail": "zero bytes",
+        "source": "f",
+        "row": 0,
+    }
+    with pipeline() as p:
+        tables = {
+            "pairs": p | "P" >> beam.Create([]),
+            "images": p | "I" >> beam.Create([]),
+            "similarities": p | "S" >> beam.Create([]),
+            "rejects": p | "R" >> beam.Create([reject]),
+            "counts": p | "C" >> beam.Create([("records_in", 1)]),
+        }
+        _ = tables | t.WriteRun(str(tmp_path), "parquet", {}, None, 256.0)
+    report = json.loads((tmp_path / "_report.json").read_text())
+    assert report["counts"] == {"records_in": 1, "rejects.empty": 1}
+    assert [s["table"] for s in report["shards"]] == ["rejects"]

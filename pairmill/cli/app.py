@@ -46,8 +46,10 @@ def _setup_logging(quiet: bool) -> None:
 )
 def build(
     ctx: typer.Context,
-    inputs: Annotated[list[str], typer.Argument(help="Crawl files, directories or globs.")],
     out: Annotated[str, typer.Option("--out", help="Run directory (path or fsspec URL).")],
+    inputs: Annotated[
+        Optional[list[str]], typer.Argument(help="Crawl files, directories or globs.")
+    ] = None,
     encoder: Annotated[
         str,
         typer.Option(
@@ -99,6 +101,14 @@ def build(
     shard_rows: Annotated[Optional[int], typer.Option(help="Target rows per shard.")] = None,
     shard_size_mb: Annotated[float, typer.Option(help="Target MB per shard.")] = 256.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a run already in --out.")] = False,
+    from_run: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Re-filter this earlier run with a new --low/--high (and --max-pairs-per-episode, "
+            "--format, shard sizes) from its stored images and embeddings: no decoding, no "
+            "encoder. No INPUT then."
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the summary.")] = False,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print the manifest counts as JSON.")
@@ -106,7 +116,12 @@ def build(
 ) -> None:
     from pipelines import build_pairs
 
-    inputs, beam_args = render.split_beam_args([*inputs, *ctx.args])
+    inputs, beam_args = render.split_beam_args([*(inputs or []), *ctx.args])
+    if from_run:
+        _refilter(ctx, inputs, beam_args, out, from_run, locals())
+        return
+    if not inputs:
+        raise _usage("missing INPUT: give crawl files, or --from-run RUN_DIR")
     argv = [*inputs, "--out", out, "--encoder", encoder, "--format", format]
     argv += ["--compression", compression]
     for flag, value in (
@@ -136,6 +151,40 @@ def build(
     _setup_logging(quiet or json_out)
     result = build_pairs.run(argv + beam_args)
     render.summary(result.pairmill_manifest, out, as_json=json_out)
+
+
+def _usage(message: str):
+    from pairmill.cli import _click_exceptions
+
+    return _click_exceptions()[0](message)
+
+
+def _refilter(ctx, inputs, beam_args, out, from_run, values) -> None:
+    """`build --from-run`: only the band, pair sampling, format and sharding may change."""
+    from pipelines import refilter_pairs
+
+    if inputs:
+        raise _usage("give either INPUT files or --from-run, not both")
+    command = ctx.command
+    changed = [
+        param.opts[0]
+        for param in command.params
+        if param.name not in ("inputs", "out", "from_run", "overwrite", "quiet", "json_out")
+        and ctx.get_parameter_source(param.name).name == "COMMANDLINE"
+        and param.name not in refilter_pairs.OVERRIDABLE
+    ]
+    if changed:
+        raise _usage(f"{changed[0]} cannot change in a re-filter (it is the source run's)")
+    argv = ["--from-run", from_run, "--out", out]
+    for name in refilter_pairs.OVERRIDABLE:
+        value = values.get(name)
+        if value is not None and ctx.get_parameter_source(name).name == "COMMANDLINE":
+            argv += [f"--{name.replace('_', '-')}", str(value)]
+    if values.get("overwrite"):
+        argv.append("--overwrite")
+    _setup_logging(values.get("quiet") or values.get("json_out"))
+    result = refilter_pairs.run(argv + beam_args)
+    render.summary(result.pairmill_manifest, out, as_json=values.get("json_out"))
 
 
 def build_option_names() -> list[str]:

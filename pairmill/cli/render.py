@@ -85,6 +85,13 @@ def summary(manifest: dict[str, Any], out: str, as_json: bool = False) -> None:
     console.print(table)
     if not manifest.get("reconciled", True):
         console.print("[red]counts do not reconcile: records_in != images + rejected[/red]")
+    if manifest.get("from_run"):
+        source = manifest["from_run"]
+        was = source["thresholds"]
+        console.print(
+            f"re-filtered from {source['run']} (band was {was['low']:g}..{was['high']:g}): "
+            "no decoding, no encoder"
+        )
     weights = manifest["encoder"]["weights"]
     if not weights.get("semantic", True):
         console.print(f"note: encoder weights are {weights['description']}: not semantic.")
