@@ -10,6 +10,7 @@ library transforms under readable labels, runs, and writes the manifest.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 import apache_beam as beam
@@ -33,6 +34,7 @@ from pairmill.transforms import (
 )
 
 DEFAULT_RUNNER = "FnApiRunner"
+log = logging.getLogger("pairmill")
 
 
 def _optional_int(text: str) -> int | None:
@@ -129,6 +131,17 @@ def run(argv: list[str] | None = None, test_pipeline=None):
 
     options = PipelineOptions(pipeline_args)
     runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    log.info(
+        "building %d crawl file(s) -> %s with %s (%s) on %s, band %g..%g, runner %s",
+        len(files),
+        config.out,
+        config.encoder,
+        weights.description,
+        device,
+        config.low,
+        config.high,
+        runner,
+    )
     started = time.monotonic()
     p = test_pipeline or beam.Pipeline(options=options)
     build(p, config, files, handler)
