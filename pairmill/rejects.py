@@ -12,8 +12,14 @@ NO_IMAGE_DATA = "no_image_data"  # neither inline bytes nor a path
 # Episode-level selection
 CAPPED = "capped"  # beyond --max-images-per-episode
 DUPLICATE = "duplicate"  # same image URL or same content earlier in the episode
-# Loading bytes
-FETCH_ERROR = "fetch_error"  # image_path could not be read
+# Loading bytes (image_path) and fetching (image_url over HTTP)
+FETCH_ERROR = "fetch_error"  # image_path could not be read, or a network error
+DISALLOWED_URL = "disallowed_url"  # not http(s), or a redirect to another scheme
+HTTP_ERROR = "http_error"  # a final non-2xx status (the status is in detail)
+TIMEOUT = "timeout"  # connect or read timeout, after the retries
+FILE_TOO_LARGE = "file_too_large"  # more bytes than --max-image-bytes
+OPTED_OUT = "opted_out"  # X-Robots-Tag: noai / noimageai
+BOILERPLATE = "boilerplate"  # the same bytes on more than --max-pages-per-image pages
 # Decoding and validation
 EMPTY = "empty"  # zero bytes
 DECODE_ERROR = "decode_error"  # not an image, truncated, or unsupported format
@@ -29,6 +35,12 @@ ALL_REASONS = (
     CAPPED,
     DUPLICATE,
     FETCH_ERROR,
+    DISALLOWED_URL,
+    HTTP_ERROR,
+    TIMEOUT,
+    FILE_TOO_LARGE,
+    OPTED_OUT,
+    BOILERPLATE,
     EMPTY,
     DECODE_ERROR,
     TOO_LARGE,

@@ -19,6 +19,7 @@ from pairmill.rejects import (
     DUPLICATE,
     EMPTY,
     FETCH_ERROR,
+    FILE_TOO_LARGE,
     MISSING_FIELD,
     Rejection,
 )
@@ -128,7 +129,9 @@ def load_bytes(record: CrawlRecord, max_bytes: int) -> CrawlRecord | Rejection:
         except Exception as exc:  # any filesystem error is this record's problem only
             return Rejection(FETCH_ERROR, f"cannot read {record.image_path}: {exc}"[:300])
         if len(data) > max_bytes:
-            return Rejection(FETCH_ERROR, f"{record.image_path} is larger than {max_bytes} bytes")
+            return Rejection(
+                FILE_TOO_LARGE, f"{record.image_path} is larger than {max_bytes} bytes"
+            )
         record.image = data
     if not record.image:
         return Rejection(EMPTY, "zero bytes")

@@ -3,7 +3,15 @@ import tracemalloc
 import pytest
 
 from pairmill.records import CrawlRecord
-from pairmill.rejects import BAD_PAGE_URL, CAPPED, DUPLICATE, EMPTY, FETCH_ERROR, MISSING_FIELD
+from pairmill.rejects import (
+    BAD_PAGE_URL,
+    CAPPED,
+    DUPLICATE,
+    EMPTY,
+    FETCH_ERROR,
+    FILE_TOO_LARGE,
+    MISSING_FIELD,
+)
 from pairmill.selection import (
     SelectEpisodeImages,
     assign_episode,
@@ -100,5 +108,5 @@ def test_load_bytes_reads_paths_and_hashes(tmp_path):
     assert load_bytes(record(1, data=None, path=str(tmp_path / "missing")), 100).reason == (
         FETCH_ERROR
     )
-    assert load_bytes(record(2, data=None, path=str(path)), max_bytes=3).reason == FETCH_ERROR
+    assert load_bytes(record(2, data=None, path=str(path)), max_bytes=3).reason == FILE_TOO_LARGE
     assert load_bytes(record(3, data=b""), 100).reason == EMPTY
