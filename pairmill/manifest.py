@@ -13,10 +13,11 @@ from typing import Any
 import schemas
 from pairmill import __version__
 from pairmill.errors import ConfigError
+from pairmill.rows import REPORT_NAME
 from pairmill.shards import get_writer, write_bytes, write_shard
 
 TABLES = {"pairs": "pair", "images": "image", "similarities": "similarity", "rejects": "reject"}
-REPORT = "_report.json"  # == rows.REPORT_NAME
+REPORT = REPORT_NAME
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 

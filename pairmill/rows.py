@@ -33,15 +33,8 @@ def image_row(record: CrawlRecord, decoded, embedding: np.ndarray) -> dict[str, 
     }
 
 
-SIDE_FIELDS = {
-    "image_id": "image_id",
-    "url": "url",
-    "sha256": "sha256",
-    "width": "width",
-    "height": "height",
-    "image": "image",
-    "embedding": "embedding",
-}
+# The image-row fields each side of a pair row copies, as cond_<name> / target_<name>.
+SIDE_FIELDS = ("image_id", "url", "sha256", "width", "height", "image", "embedding")
 
 
 def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: str) -> dict:
@@ -52,8 +45,8 @@ def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: s
         "page_url": cond["page_url"],
     }
     for prefix, image in (("cond", cond), ("target", target)):
-        for out_name, image_name in SIDE_FIELDS.items():
-            row[f"{prefix}_{out_name}"] = image[image_name]
+        for name in SIDE_FIELDS:
+            row[f"{prefix}_{name}"] = image[name]
     row["similarity"] = candidate.similarity
     row["encoder"] = encoder
     return row

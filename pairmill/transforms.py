@@ -117,21 +117,8 @@ class GroupIntoEpisodes(beam.PTransform):
         return {"records": decided.records, REJECTS: rejects}
 
 
-class _SelectCombineFn(beam.CombineFn):
-    def __init__(self, cap: int):
-        self.fn = selection.SelectEpisodeImages(cap)
-
-    def create_accumulator(self):
-        return self.fn.create_accumulator()
-
-    def add_input(self, accumulator, element):
-        return self.fn.add_input(accumulator, element)
-
-    def merge_accumulators(self, accumulators):
-        return self.fn.merge_accumulators(accumulators)
-
-    def extract_output(self, accumulator):
-        return self.fn.extract_output(accumulator)
+class _SelectCombineFn(selection.SelectEpisodeImages, beam.CombineFn):
+    """The plain selection logic as a Beam CombineFn (lifted: bounded per hot page)."""
 
 
 class _ApplySelection(beam.DoFn):
