@@ -220,6 +220,12 @@ def demo(
         "similarities/, rejects/)"
     )
     print("the tiny encoder has random weights: its similarities are not semantic.")
+    print(
+        "\nnext:\n"
+        f"  pairmill inspect {run_dir} --png {out / 'pairs.png'}\n"
+        f"  pairmill hist {run_dir} --png {out / 'hist.png'}\n"
+        f"  pairmill validate {run_dir}"
+    )
 
 
 @app.command(help="Print the pairmill version.")
