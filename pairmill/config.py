@@ -30,6 +30,7 @@ class BuildConfig:
       min_side, max_aspect, max_pixels: decode filters.
       resize, image_size, image_format, quality: re-encoding of stored images.
       max_file_bytes: largest image file read from image_path.
+      max_pages_per_image: the same bytes on more pages are boilerplate (None: keep all).
       device: auto, cpu or cuda.
       batch_size: encoder batch size.
       seed: seed of random weights.
@@ -56,6 +57,7 @@ class BuildConfig:
     image_format: str | None = None
     quality: int = 95
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_pages_per_image: int | None = 10
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
@@ -93,6 +95,10 @@ class BuildConfig:
         )
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
         _check(self.max_file_bytes >= 1, "--max-file-bytes must be positive")
+        _check(
+            self.max_pages_per_image is None or self.max_pages_per_image >= 1,
+            "--max-pages-per-image must be at least 1 (or 0 for no limit)",
+        )
         _check(self.shard_rows is None or self.shard_rows >= 1, "--shard-rows must be at least 1")
         _check(self.shard_size_mb > 0, "--shard-size-mb must be positive")
         _check(bool(self.out), "--out is required")

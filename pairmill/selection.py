@@ -15,6 +15,7 @@ from pairmill import urls
 from pairmill.records import CrawlRecord
 from pairmill.rejects import (
     BAD_PAGE_URL,
+    BOILERPLATE,
     CAPPED,
     DUPLICATE,
     EMPTY,
@@ -165,3 +166,43 @@ def first_per_episode(
 def content_duplicate(kept_url: str) -> Rejection:
     """The rejection of a record whose bytes repeat another image of its page."""
     return Rejection(DUPLICATE, f"same content as {kept_url} on this page"[:300])
+
+
+class CountPagesUpTo:
+    """CombineFn logic: distinct pages showing one content hash, counted up to a limit.
+
+    Stops collecting at `limit` pages, so a logo on a million pages costs
+    O(limit) memory; the result says "at least `limit`".
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+
+    def create_accumulator(self):
+        return set()
+
+    def add_input(self, pages: set, episode: str):
+        if len(pages) < self.limit:
+            pages.add(episode)
+        return pages
+
+    def merge_accumulators(self, accumulators):
+        merged: set = set()
+        for pages in accumulators:
+            for episode in pages:
+                if len(merged) >= self.limit:
+                    return merged
+                merged.add(episode)
+        return merged
+
+    def extract_output(self, pages: set) -> int:
+        return len(pages)
+
+
+def boilerplate(max_pages: int) -> Rejection:
+    """The rejection of an image shown on more than `max_pages` pages."""
+    return Rejection(
+        BOILERPLATE,
+        f"the same bytes appear on more than {max_pages} pages (--max-pages-per-image): "
+        "a logo, icon, banner or placeholder",
+    )

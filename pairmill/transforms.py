@@ -158,6 +158,51 @@ class LoadImageBytes(beam.PTransform):
         )
 
 
+class _CountPages(selection.CountPagesUpTo, beam.CombineFn):
+    """Distinct pages per content hash, bounded (lifted: a logo on every page is cheap)."""
+
+
+class _SplitBoilerplate(beam.DoFn):
+    def __init__(self, max_pages: int):
+        self.max_pages = max_pages
+
+    def process(self, record: CrawlRecord, boilerplate: dict):
+        if record.content_sha256 in boilerplate:
+            yield _reject(record.without_bytes(), selection.boilerplate(self.max_pages))
+        else:
+            yield record
+
+
+class DropBoilerplate(beam.PTransform):
+    """Reject, everywhere, images whose bytes appear on more than `max_pages` pages.
+
+    A combiner counts distinct pages per content hash (stopping at max_pages + 1,
+    so memory stays bounded for a logo on millions of pages); the hashes over the
+    limit reach every worker as a side input, and records are filtered against it
+    before any grouping by content, so no group ever holds a boilerplate image's
+    thousands of records.
+
+    Args:
+      max_pages: --max-pages-per-image.
+    """
+
+    def __init__(self, max_pages: int):
+        super().__init__()
+        self.max_pages = max_pages
+
+    def expand(self, records):
+        limit = self.max_pages
+        over = (
+            records
+            | "ContentPage" >> beam.Map(lambda r: (r.content_sha256, r.episode_id))
+            | "CountPages" >> beam.CombinePerKey(_CountPages(limit + 1))
+            | "OverLimit" >> beam.Filter(lambda kv: kv[1] > limit)
+        )
+        return records | "Split" >> beam.ParDo(
+            _SplitBoilerplate(limit), beam.pvalue.AsDict(over)
+        ).with_outputs(REJECTS, main="records")
+
+
 class _PickAny(beam.CombineFn):
     """Keeps one value per key: all values of a content hash are the same bytes."""
 

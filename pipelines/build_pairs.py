@@ -24,6 +24,7 @@ from pairmill.encoders import DEFAULT_ENCODER, get_preset, resolve_device, resol
 from pairmill.transforms import (
     REJECTS,
     DecodeImages,
+    DropBoilerplate,
     EmbedImages,
     GroupIntoEpisodes,
     JoinPairBytes,
@@ -61,6 +62,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-format", default=None)
     p.add_argument("--quality", type=int, default=95)
     p.add_argument("--max-file-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--max-pages-per-image", type=_optional_int, default=10)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -87,9 +89,11 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         config.max_images_per_episode
     )
     loaded = episodes["records"] | "LoadImageBytes" >> LoadImageBytes(config.max_file_bytes)
-    decoded = loaded.records | "DecodeImages" >> DecodeImages(
-        config.decode_config(), config.encoder
-    )
+    records, boilerplate_rejects = loaded.records, []
+    if config.max_pages_per_image:
+        kept = records | "DropBoilerplate" >> DropBoilerplate(config.max_pages_per_image)
+        records, boilerplate_rejects = kept.records, [kept[REJECTS]]
+    decoded = records | "DecodeImages" >> DecodeImages(config.decode_config(), config.encoder)
     embedded = decoded.decoded | "EmbedImages" >> EmbedImages(handler, config.encoder)
     paired = embedded.light | "PairWithinEpisodes" >> PairWithinEpisodes(
         config.low, config.high, config.max_pairs_per_episode
@@ -99,6 +103,7 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         read[REJECTS],
         episodes[REJECTS],
         loaded[REJECTS],
+        *boilerplate_rejects,
         decoded[REJECTS],
     ) | "AllRejects" >> beam.Flatten()
     counts = (

@@ -164,3 +164,33 @@ def test_a_page_with_more_images_than_the_cap(tmp_path, photos):
     assert manifest["counts"]["images"] == 8
     assert manifest["counts"]["rejects"] == {"capped": 22}
     assert manifest["counts"]["candidate_pairs"] == 28
+
+
+@pytest.mark.parametrize("pages, boilerplate", [(10, False), (11, True)])
+def test_an_image_on_too_many_pages_is_boilerplate_everywhere(
+    tmp_path, jpeg_of, pages, boilerplate
+):
+    import pyarrow as pa
+
+    logo = jpeg_of("coins", (100, 80))
+    rows_in = []
+    for page in range(pages):
+        rows_in.append(
+            {
+                "page_url": f"https://s.example/{page}",
+                "image_url": f"https://c/{page}/logo",
+                "image": logo,
+            }
+        )
+        rows_in.append(
+            {
+                "page_url": f"https://s.example/{page}",
+                "image_url": f"https://c/{page}.jpg",
+                "image": jpeg_of("astronaut", (100 + page, 100)),
+            }
+        )
+    pq.write_table(pa.Table.from_pylist(rows_in), tmp_path / "c.parquet")
+    manifest = build(tmp_path / "c.parquet", tmp_path / "run")
+    assert manifest["counts"]["rejects"].get("boilerplate", 0) == (pages if boilerplate else 0)
+    assert manifest["counts"]["images"] == (pages if boilerplate else 2 * pages)
+    assert manifest["reconciled"]

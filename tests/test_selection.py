@@ -110,3 +110,19 @@ def test_load_bytes_reads_paths_and_hashes(tmp_path):
     )
     assert load_bytes(record(2, data=None, path=str(path)), max_bytes=3).reason == FILE_TOO_LARGE
     assert load_bytes(record(3, data=b""), 100).reason == EMPTY
+
+
+def test_page_counter_stops_at_its_limit_whatever_the_merges():
+    from pairmill.selection import CountPagesUpTo
+
+    fn = CountPagesUpTo(11)
+    accumulators = []
+    for chunk in range(50):
+        acc = fn.create_accumulator()
+        for page in range(chunk * 1000, chunk * 1000 + 1000):
+            acc = fn.add_input(acc, f"page{page}")
+        assert len(acc) <= 11
+        accumulators.append(acc)
+    assert fn.extract_output(fn.merge_accumulators(accumulators)) == 11
+    few = fn.add_input(fn.add_input(fn.create_accumulator(), "a"), "a")
+    assert fn.extract_output(fn.merge_accumulators([few, {"b"}])) == 2

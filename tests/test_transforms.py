@@ -249,3 +249,26 @@ def test_write_run_counts_tables(tmp_path):
     report = json.loads((tmp_path / "_report.json").read_text())
     assert report["counts"] == {"records_in": 1, "rejects.empty": 1}
     assert [s["table"] for s in report["shards"]] == ["rejects"]
+
+
+def test_drop_boilerplate():
+    logo, photo = b"logo-bytes", b"photo-bytes"
+    records = [_loaded(i, f"https://site/{i}", f"https://cdn/logo-{i}.png", logo) for i in range(4)]
+    records += [
+        _loaded(10 + i, f"https://site/{i}", f"https://cdn/p{i}.jpg", photo + bytes([i]))
+        for i in range(4)
+    ]
+    records.append(_loaded(20, "https://site/0", "https://cdn/shared.jpg", photo))
+    records.append(_loaded(21, "https://site/1", "https://cdn/shared.jpg", photo))
+    with pipeline() as p:
+        out = p | beam.Create(records) | t.DropBoilerplate(max_pages=3)
+        assert_that(
+            out.records | beam.Map(lambda r: r.row),
+            equal_to([10, 11, 12, 13, 20, 21]),
+            label="kept",
+        )
+        assert_that(
+            out[t.REJECTS] | beam.Map(lambda r: (r["reason"], r["row"])),
+            equal_to([("boilerplate", i) for i in range(4)]),
+            label="rejects",
+        )

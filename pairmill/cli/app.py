@@ -95,6 +95,13 @@ def build(
     ] = None,
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality when re-encoding.")] = 95,
     max_file_bytes: Annotated[int, typer.Option(help="Largest image file read.")] = 20 * 2**20,
+    max_pages_per_image: Annotated[
+        int,
+        typer.Option(
+            help="The same bytes on more pages than this are boilerplate (logos, icons, "
+            "placeholders) and dropped everywhere; 0 keeps them."
+        ),
+    ] = 10,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of random weights.")] = 0,
@@ -138,6 +145,7 @@ def build(
         ("--image-format", image_format),
         ("--quality", quality),
         ("--max-file-bytes", max_file_bytes),
+        ("--max-pages-per-image", max_pages_per_image),
         ("--device", device),
         ("--batch-size", batch_size),
         ("--seed", seed),
