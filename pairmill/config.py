@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from pairmill.crawl import INPUT_FORMATS
 from pairmill.errors import ConfigError
 
 DEFAULT_MAX_IMAGES_PER_EPISODE = 64
-DEFAULT_MAX_FILE_BYTES = 20 * 2**20
+DEFAULT_MAX_IMAGE_BYTES = 20 * 2**20
 DEFAULT_SHARD_SIZE_MB = 256.0
 FORMATS = ("parquet", "tfrecord")
 COMPRESSIONS = ("none", "gzip")
@@ -20,6 +21,9 @@ class BuildConfig:
     Args:
       inputs: crawl files, directories or globs (local or fsspec URLs).
       out: the run directory (local path or fsspec URL).
+      input_format: auto (per file), table, documents or img2dataset.
+      page_column: img2dataset's page URL column (None tries page_url, page, source_url,
+        webpage).
       encoder: encoder preset name.
       weights: None (hub cache), "random", or a local checkpoint path.
       low, high: the similarity band; None takes the encoder preset's.
@@ -29,7 +33,9 @@ class BuildConfig:
       max_pairs_per_episode: keep at most this many in-band pairs per page.
       min_side, max_aspect, max_pixels: decode filters.
       resize, image_size, image_format, quality: re-encoding of stored images.
-      max_file_bytes: largest image file read from image_path.
+      max_image_bytes: largest image read from image_path or over HTTP.
+      fetch: fetch records that only have an image_url (http/https).
+      fetch_timeout, retries, fetch_per_host, fetch_concurrency, user_agent: HTTP fetching.
       max_pages_per_image: the same bytes on more pages are boilerplate (None: keep all).
       device: auto, cpu or cuda.
       batch_size: encoder batch size.
@@ -41,6 +47,8 @@ class BuildConfig:
 
     inputs: list[str]
     out: str
+    input_format: str = "auto"
+    page_column: str | None = None
     encoder: str = "dinov2-vitb14"
     weights: str | None = None
     low: float | None = None
@@ -56,8 +64,14 @@ class BuildConfig:
     image_size: int = 256
     image_format: str | None = None
     quality: int = 95
-    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_pages_per_image: int | None = 10
+    fetch: bool = True
+    fetch_timeout: float = 10.0
+    retries: int = 3
+    fetch_per_host: int = 4
+    fetch_concurrency: int = 32
+    user_agent: str | None = None
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
@@ -94,7 +108,7 @@ class BuildConfig:
             "--max-pairs-per-episode must be at least 1",
         )
         _check(self.batch_size >= 1, "--batch-size must be at least 1")
-        _check(self.max_file_bytes >= 1, "--max-file-bytes must be positive")
+        _check(self.max_image_bytes >= 1, "--max-image-bytes must be positive")
         _check(
             self.max_pages_per_image is None or self.max_pages_per_image >= 1,
             "--max-pages-per-image must be at least 1 (or 0 for no limit)",
@@ -102,7 +116,16 @@ class BuildConfig:
         _check(self.shard_rows is None or self.shard_rows >= 1, "--shard-rows must be at least 1")
         _check(self.shard_size_mb > 0, "--shard-size-mb must be positive")
         _check(bool(self.out), "--out is required")
+        _check(
+            self.input_format in INPUT_FORMATS,
+            f"--input-format must be one of {'|'.join(INPUT_FORMATS)}, got {self.input_format!r}",
+        )
+        _check(
+            self.page_column is None or bool(self.page_column.strip()),
+            "--page-column must name a column",
+        )
         self.decode_config()  # validates the decode and re-encode flags
+        self.fetch_config()  # validates the fetching flags
         return self
 
     def decode_config(self):
@@ -116,6 +139,22 @@ class BuildConfig:
             image_size=self.image_size,
             image_format=self.image_format,
             quality=self.quality,
+        )
+
+    def fetch_config(self):
+        """The HTTP fetcher's settings, or None when fetching is off."""
+        if not self.fetch:
+            return None
+        from pairmill.fetch import FetchConfig
+
+        extra = {"user_agent": self.user_agent} if self.user_agent else {}
+        return FetchConfig(
+            timeout=self.fetch_timeout,
+            max_bytes=self.max_image_bytes,
+            retries=self.retries,
+            per_host=self.fetch_per_host,
+            concurrency=self.fetch_concurrency,
+            **extra,
         )
 
     def writer_options(self) -> dict:

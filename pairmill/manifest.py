@@ -66,6 +66,7 @@ def finish_run(
             info = write_shard(out, table, 0, 1, [], schemas.load(schema_name), fmt, options)
             shards.append(info.to_dict())
     counts = _counts(report["counts"])
+    counts["top_reject_domains"] = report.get("lists", {}).get("top_reject_domains", [])
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "pairmill_version": __version__,
@@ -116,6 +117,29 @@ def _counts(raw: dict[str, int]) -> dict[str, Any]:
         "unique_images": raw.get("unique_images", 0),
         "episodes": raw.get("episodes", 0),
         "candidate_pairs": raw.get("candidate_pairs", 0),
+        "kept_pairs": raw.get("kept_pairs", 0),
+        "funnel": _funnel(raw, rejects),
+    }
+
+
+def _funnel(raw: dict[str, int], rejects: dict[str, int]) -> dict[str, int]:
+    """How many records survive each stage, read -> kept.
+
+    read: input records; selected: after the episode cap and URL dedup; loaded:
+    with bytes (inline, read from image_path, or fetched); decoded: bytes that
+    decoded as an image, whether or not the size filters then accepted it;
+    accepted: images; paired: images on a page with at least one other image;
+    in_kept_pairs: images in at least one kept pair; kept_pairs: pairs written.
+    """
+    images = raw.get("images", 0)
+    return {
+        "read": raw.get("records_in", 0),
+        "selected": raw.get("selected", raw.get("records_in", 0)),
+        "loaded": raw.get("loaded", images),
+        "decoded": images + sum(rejects.get(r, 0) for r in ("too_small", "bad_aspect")),
+        "accepted": images,
+        "paired": raw.get("paired_images", 0),
+        "in_kept_pairs": raw.get("images_in_kept_pairs", 0),
         "kept_pairs": raw.get("kept_pairs", 0),
     }
 

@@ -85,6 +85,7 @@ def write_report(url: str, items: list[tuple[str, Any]]) -> str:
             (value for kind, value in items if kind == "shard"), key=lambda s: s["path"]
         ),
         "counts": dict(sorted(value for kind, value in items if kind == "count")),
+        "lists": dict(sorted(value for kind, value in items if kind == "list")),
     }
     write_bytes(url, json.dumps(report, indent=1).encode())
     return url

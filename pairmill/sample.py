@@ -155,6 +155,8 @@ def _bad_records(rows: list[dict], photos, rng: np.random.Generator) -> list[dic
         _row(page, "https://cdn.example.org/0/icon.jpg", icon, "tiny icon"),
         _row(page, "https://cdn.example.org/0/banner.jpg", panorama, "banner"),
         _row(page, "https://cdn.example.org/0/empty.jpg", b"", "empty"),
-        _row(page, "https://cdn.example.org/0/nothing.jpg", None, "no data"),
+        # No bytes, and a URL naming a local file: never read, rejected as disallowed_url
+        # (a URL-only record with an http(s) URL would be fetched).
+        _row(page, "file:///etc/passwd", None, "local file as image URL"),
         _row("", "https://cdn.example.org/x.jpg", good, "no page"),
     ]

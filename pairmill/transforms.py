@@ -16,9 +16,9 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from pairmill import crawl, pairing, rows, selection
+from pairmill import crawl, pairing, rows, selection, urls
 from pairmill.records import CrawlRecord, reject_row
-from pairmill.rejects import Rejection
+from pairmill.rejects import NO_IMAGE_DATA, Rejection
 
 REJECTS = "rejects"
 NAMESPACE = "pairmill"
@@ -47,17 +47,23 @@ class ReadCrawl(beam.PTransform):
 
     Args:
       files: crawl files already expanded by `crawl.expand_inputs`.
+      input_format: auto, table, documents or img2dataset (`crawl.INPUT_FORMATS`).
+      page_column: img2dataset's page URL column (None tries the usual names).
     """
 
-    def __init__(self, files: list[str]):
+    def __init__(
+        self, files: list[str], input_format: str = "auto", page_column: str | None = None
+    ):
         super().__init__()
         self.files = files
+        self.input_format = input_format
+        self.page_column = page_column
 
     def expand(self, pbegin):
         return (
             pbegin
             | "Files" >> beam.Create(self.files)
-            | "Splits" >> beam.FlatMap(crawl.list_splits)
+            | "Splits" >> beam.FlatMap(crawl.list_splits, self.input_format, self.page_column)
             | "Spread" >> beam.Reshuffle()
             | "Read" >> beam.ParDo(_ReadSplit()).with_outputs(REJECTS, main="records")
         )
@@ -133,28 +139,77 @@ class _ApplySelection(beam.DoFn):
 
 
 class _LoadBytes(beam.DoFn):
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
+    """Loads a batch of records: inline bytes pass, paths are read, URLs are fetched."""
 
-    def process(self, record: CrawlRecord):
+    def __init__(self, max_bytes: int, fetch_config):
+        self.max_bytes, self.fetch_config = max_bytes, fetch_config
+        self.fetcher = None
+
+    def setup(self):
+        if self.fetch_config is not None:
+            from pairmill.fetch import Fetcher
+
+            self.fetcher = Fetcher(self.fetch_config)
+        self.fetched = Metrics.counter(NAMESPACE, "fetched")
+
+    def teardown(self):
+        if self.fetcher is not None:
+            self.fetcher.close()
+
+    def process(self, batch: list[CrawlRecord]):
+        to_fetch = []
+        for record in batch:
+            if record.image is None and record.image_path is None:
+                to_fetch.append(record)
+            else:
+                yield self._hashed(record)
+        if not to_fetch:
+            return
+        if self.fetcher is None:
+            for record in to_fetch:
+                yield _reject(
+                    record, Rejection(NO_IMAGE_DATA, "no image bytes or path (--no-fetch)")
+                )
+            return
+        # Consume every result: the fetcher yields each item exactly once, in any order.
+        for index, result in self.fetcher.fetch(
+            (i, record.image_url) for i, record in enumerate(to_fetch)
+        ):
+            record = to_fetch[index]
+            if isinstance(result, Rejection):
+                yield _reject(record, result)
+            else:
+                self.fetched.inc()
+                record.image = result
+                yield self._hashed(record)
+
+    def _hashed(self, record: CrawlRecord):
         result = selection.load_bytes(record, self.max_bytes)
-        yield _reject(record.without_bytes(), result) if isinstance(result, Rejection) else result
+        return _reject(record.without_bytes(), result) if isinstance(result, Rejection) else result
 
 
 class LoadImageBytes(beam.PTransform):
-    """Read `image_path` bytes (inline bytes pass through) and hash the content.
+    """Give every record its bytes: inline bytes pass, `image_path` is read, and records
+    with only an `image_url` are fetched over HTTP(S), concurrently per batch.
 
     Args:
-      max_bytes: the largest file read.
+      max_bytes: the largest file or body read.
+      fetch_config: a `pairmill.fetch.FetchConfig`, or None to reject URL-only records.
     """
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, fetch_config=None):
         super().__init__()
-        self.max_bytes = max_bytes
+        self.max_bytes, self.fetch_config = max_bytes, fetch_config
 
     def expand(self, records):
-        return records | "Load" >> beam.ParDo(_LoadBytes(self.max_bytes)).with_outputs(
-            REJECTS, main="records"
+        return (
+            records
+            # Batches let one fetcher keep many hosts busy at once.
+            | "Batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=512)
+            | "Load"
+            >> beam.ParDo(_LoadBytes(self.max_bytes, self.fetch_config)).with_outputs(
+                REJECTS, main="records"
+            )
         )
 
 
@@ -349,21 +404,29 @@ class _PairEpisode(beam.DoFn):
 
     def process(self, element):
         episode, images = element
-        yield beam.pvalue.TaggedOutput("episodes", 1)
-        for candidate in pairing.pair_episode(
-            episode, list(images), self.low, self.high, self.max_pairs
-        ):
+        images = list(images)
+        in_kept_pairs = set()
+        for candidate in pairing.pair_episode(episode, images, self.low, self.high, self.max_pairs):
             self.candidates.inc()
             yield pairing.similarity_row(candidate)
             if candidate.kept:
                 self.kept.inc()
+                in_kept_pairs.update((candidate.cond_image_id, candidate.target_image_id))
                 yield beam.pvalue.TaggedOutput("pairs", (episode, candidate))
+        # The funnel's episode-level counts, as (name, n) for the run report.
+        yield beam.pvalue.TaggedOutput("stats", ("episodes", 1))
+        if len(images) >= 2:
+            yield beam.pvalue.TaggedOutput("stats", ("paired_images", len(images)))
+        if in_kept_pairs:
+            yield beam.pvalue.TaggedOutput("stats", ("images_in_kept_pairs", len(in_kept_pairs)))
 
 
 class PairWithinEpisodes(beam.PTransform):
     """Group light values (ids and embeddings, never bytes) per episode and pair them.
 
-    Output: {"similarities": rows, "pairs": (episode_id, Candidate), "episodes": 1 per episode}.
+    Output: {"similarities": rows, "pairs": (episode_id, Candidate), "stats": (name, n)
+    counts per episode: episodes, paired_images (in episodes of two or more),
+    images_in_kept_pairs}.
 
     Args:
       low, high: the similarity band.
@@ -380,7 +443,7 @@ class PairWithinEpisodes(beam.PTransform):
             | "Group" >> beam.GroupByKey()
             | "Pair"
             >> beam.ParDo(_PairEpisode(self.low, self.high, self.max_pairs)).with_outputs(
-                "pairs", "episodes", main="similarities"
+                "pairs", "stats", main="similarities"
             )
         )
 
@@ -592,11 +655,22 @@ class WriteRun(beam.PTransform):
             tables["pairs"] | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
         ) | "AllCounts" >> beam.Flatten()
         all_shards = tuple(shards) | "AllShards" >> beam.Flatten()
-        return (all_shards, counts) | "WriteReport" >> WriteReport(f"{self.out}/{rows.REPORT_NAME}")
+        top_domains = (
+            tables["rejects"]
+            | "RejectDomain" >> beam.Map(lambda r: urls.domain(r["page_url"] or "") or "(none)")
+            | "PerDomain" >> beam.combiners.Count.PerElement()
+            | "TopDomains" >> beam.combiners.Top.Of(10, key=lambda kv: (kv[1], kv[0]))
+            | "Named" >> beam.Map(lambda top: ("top_reject_domains", [list(kv) for kv in top]))
+        )
+        return (all_shards, counts, top_domains) | "WriteReport" >> WriteReport(
+            f"{self.out}/{rows.REPORT_NAME}"
+        )
 
 
 class WriteReport(beam.PTransform):
-    """Collect shard infos and counts into one small JSON file for the driver.
+    """Collect shard infos, counts and small named lists into one JSON file for the driver.
+
+    Input: (shard infos, (name, n) counts[, (name, list) values ...]).
 
     Args:
       url: where to write it (inside the run directory).
@@ -607,8 +681,12 @@ class WriteReport(beam.PTransform):
         self.url = url
 
     def expand(self, inputs):
-        shards, counts = inputs
+        shards, counts, *lists = inputs
         tagged_shards = shards | "TagShards" >> beam.Map(lambda info: ("shard", info))
+        tagged_lists = [
+            pc | f"TagList{i}" >> beam.Map(lambda named: ("list", named))
+            for i, pc in enumerate(lists)
+        ]
         tagged_counts = (
             counts
             | "SumCounts" >> beam.CombinePerKey(sum)
@@ -616,7 +694,7 @@ class WriteReport(beam.PTransform):
         )
         url = self.url
         return (
-            (tagged_shards, tagged_counts)
+            (tagged_shards, tagged_counts, *tagged_lists)
             | "Merge" >> beam.Flatten()
             | "All" >> beam.combiners.ToList()
             | "Write" >> beam.Map(lambda items: rows.write_report(url, items))

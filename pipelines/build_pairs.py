@@ -45,6 +45,8 @@ def _optional_int(text: str) -> int | None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_pairs", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="crawl files, directories or globs")
+    p.add_argument("--input-format", default="auto", help="auto|table|documents|img2dataset")
+    p.add_argument("--page-column", default=None, help="img2dataset: the page URL column")
     p.add_argument("--out", required=True, help="run directory (local path or fsspec URL)")
     p.add_argument("--encoder", default=DEFAULT_ENCODER)
     p.add_argument("--weights", default=None, help="checkpoint path, or 'random'")
@@ -61,8 +63,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--image-format", default=None)
     p.add_argument("--quality", type=int, default=95)
-    p.add_argument("--max-file-bytes", type=int, default=20 * 2**20)
+    p.add_argument("--max-image-bytes", type=int, default=20 * 2**20)
     p.add_argument("--max-pages-per-image", type=_optional_int, default=10)
+    p.add_argument("--no-fetch", dest="fetch", action="store_false")
+    p.add_argument("--fetch-timeout", type=float, default=10.0)
+    p.add_argument("--retries", type=int, default=3)
+    p.add_argument("--fetch-per-host", type=int, default=4)
+    p.add_argument("--fetch-concurrency", type=int, default=32)
+    p.add_argument("--user-agent", default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -84,11 +92,13 @@ def parse_known_args(argv: list[str] | None) -> tuple[BuildConfig, list[str]]:
 
 def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> None:
     """Chain the build's stages onto pipeline `p`."""
-    read = p | "ReadCrawl" >> ReadCrawl(files)
+    read = p | "ReadCrawl" >> ReadCrawl(files, config.input_format, config.page_column)
     episodes = read.records | "GroupIntoEpisodes" >> GroupIntoEpisodes(
         config.max_images_per_episode
     )
-    loaded = episodes["records"] | "LoadImageBytes" >> LoadImageBytes(config.max_file_bytes)
+    loaded = episodes["records"] | "LoadImageBytes" >> LoadImageBytes(
+        config.max_image_bytes, config.fetch_config()
+    )
     records, boilerplate_rejects = loaded.records, []
     if config.max_pages_per_image:
         kept = records | "DropBoilerplate" >> DropBoilerplate(config.max_pages_per_image)
@@ -110,7 +120,9 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         read.records | "CountRead" >> beam.Map(lambda _: ("records_in", 1)),
         read[REJECTS] | "CountUnreadable" >> beam.Map(lambda _: ("records_in", 1)),
         decoded.decoded | "CountUnique" >> beam.Map(lambda _: ("unique_images", 1)),
-        paired.episodes | "CountEpisodes" >> beam.Map(lambda _: ("episodes", 1)),
+        episodes["records"] | "CountSelected" >> beam.Map(lambda _: ("selected", 1)),
+        loaded.records | "CountLoaded" >> beam.Map(lambda _: ("loaded", 1)),
+        paired.stats,
     ) | "Counts" >> beam.Flatten()
     tables = {
         "pairs": pair_rows,
@@ -127,7 +139,7 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
 def run(argv: list[str] | None = None, test_pipeline=None):
     """Run a build; returns the Beam PipelineResult (the manifest is in --out)."""
     config, pipeline_args = parse_known_args(argv)
-    files = expand_inputs(config.inputs)
+    files = expand_inputs(config.inputs, config.input_format)
     preset = get_preset(config.encoder)
     weights = resolve_weights(preset, config.weights, seed=config.seed)
     device = resolve_device(config.device)

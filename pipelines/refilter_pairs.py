@@ -36,6 +36,10 @@ OVERRIDABLE = (
 )
 
 
+# Funnel stages a re-filter cannot see (they ran before the images table existed).
+UPSTREAM = ("selected", "loaded")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="refilter_pairs", description=__doc__.splitlines()[0])
     p.add_argument("--from-run", required=True, help="the run to re-filter")
@@ -99,7 +103,13 @@ def build(p: beam.Pipeline, config: BuildConfig, source: dict) -> None:
         | "Contents" >> beam.Map(lambda row: row["sha256"])
         | "Unique" >> beam.Distinct()
         | "CountUnique" >> beam.Map(lambda _: ("unique_images", 1)),
-        paired.episodes | "CountEpisodes" >> beam.Map(lambda _: ("episodes", 1)),
+        paired.stats,
+        # Stages before pairing happened in the source run: carry its funnel over.
+        p
+        | "SourceFunnel"
+        >> beam.Create(
+            [(name, source["counts"].get("funnel", {}).get(name, 0)) for name in UPSTREAM]
+        ),
     ) | "Counts" >> beam.Flatten()
     tables = {
         "pairs": pair_rows,

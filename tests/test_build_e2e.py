@@ -46,7 +46,7 @@ def test_counts_reconcile_and_every_record_is_accounted_for(run_dir, sample_craw
         "too_small",
         "bad_aspect",
         "empty",
-        "no_image_data",
+        "disallowed_url",
         "missing_field",
     } <= reasons
     assert all(r["detail"] for r in rejects)

@@ -7,7 +7,7 @@ import pytest
 
 from pairmill.crawl import expand_inputs, list_splits, read_split
 from pairmill.errors import InputError
-from pairmill.rejects import MALFORMED, NO_IMAGE_DATA
+from pairmill.rejects import MALFORMED
 
 
 def read_all(path):
@@ -57,7 +57,9 @@ def test_jsonl_with_base64_paths_and_bad_lines(tmp_path, jpeg_of):
     assert items[0].image == data
     assert items[1].image_path == f"{tmp_path}/img.jpg"
     reasons = [item[1].reason for item in items if isinstance(item, tuple)]
-    assert reasons == [MALFORMED, NO_IMAGE_DATA, MALFORMED, MALFORMED]
+    assert reasons == [MALFORMED, MALFORMED, MALFORMED]
+    url_only = items[3]  # no bytes and no path: the pipeline fetches it by URL
+    assert url_only.image is None and url_only.image_path is None
 
 
 def test_csv_extra_columns_are_carried(tmp_path):
@@ -68,12 +70,13 @@ def test_csv_extra_columns_are_carried(tmp_path):
 
 
 def test_image_url_is_never_opened(tmp_path):
-    # A crawl row naming a local file as its image URL must not make us read it.
+    # A crawl row naming a local file as its image URL must not make us read it: reading
+    # leaves it URL-only, and the fetcher refuses every scheme but http(s)
+    # (tests/test_fetch_pipeline.py checks it ends as disallowed_url).
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"page_url": "https://p", "image_url": "file:///etc/passwd"}))
-    (item,) = read_all(path)
-    record, rejection = item
-    assert rejection.reason == NO_IMAGE_DATA and record.image is None
+    (record,) = read_all(path)
+    assert record.image is None and record.image_path is None
 
 
 def test_expand_inputs_globs_dirs_and_missing(tmp_path):

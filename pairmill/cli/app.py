@@ -50,6 +50,21 @@ def build(
     inputs: Annotated[
         Optional[list[str]], typer.Argument(help="Crawl files, directories or globs.")
     ] = None,
+    input_format: Annotated[
+        str,
+        typer.Option(
+            help="auto|table|documents|img2dataset. auto picks per file: .tar is img2dataset "
+            "webdataset; image_info (MMC4) or images+general_metadata (OBELICS) is documents; "
+            "Parquet with url, status and key is img2dataset; else table."
+        ),
+    ] = "auto",
+    page_column: Annotated[
+        Optional[str],
+        typer.Option(
+            help="img2dataset inputs: the column holding the page URL (default: the first of "
+            "page_url, page, source_url, webpage)."
+        ),
+    ] = None,
     encoder: Annotated[
         str,
         typer.Option(
@@ -94,7 +109,24 @@ def build(
         Optional[str], typer.Option(help="Re-encode stored images: jpg|webp|png.")
     ] = None,
     quality: Annotated[int, typer.Option(help="JPEG/WebP quality when re-encoding.")] = 95,
-    max_file_bytes: Annotated[int, typer.Option(help="Largest image file read.")] = 20 * 2**20,
+    max_image_bytes: Annotated[
+        int, typer.Option(help="Largest image read (file or HTTP body, enforced while streaming).")
+    ] = 20 * 2**20,
+    fetch: Annotated[
+        bool,
+        typer.Option(help="Fetch records that only have an image_url (http/https only)."),
+    ] = True,
+    fetch_timeout: Annotated[
+        float, typer.Option(help="Seconds per HTTP attempt (connect, redirects and body).")
+    ] = 10.0,
+    retries: Annotated[int, typer.Option(help="HTTP retries on 429, 5xx and timeouts.")] = 3,
+    fetch_per_host: Annotated[int, typer.Option(help="Concurrent requests per host.")] = 4,
+    fetch_concurrency: Annotated[
+        int, typer.Option(help="Concurrent requests per worker thread.")
+    ] = 32,
+    user_agent: Annotated[
+        Optional[str], typer.Option(help="HTTP User-Agent (default names pairmill).")
+    ] = None,
     max_pages_per_image: Annotated[
         int,
         typer.Option(
@@ -132,6 +164,8 @@ def build(
     argv = [*inputs, "--out", out, "--encoder", encoder, "--format", format]
     argv += ["--compression", compression]
     for flag, value in (
+        ("--input-format", input_format),
+        ("--page-column", page_column),
         ("--weights", weights),
         ("--low", low),
         ("--high", high),
@@ -144,8 +178,13 @@ def build(
         ("--image-size", image_size),
         ("--image-format", image_format),
         ("--quality", quality),
-        ("--max-file-bytes", max_file_bytes),
+        ("--max-image-bytes", max_image_bytes),
         ("--max-pages-per-image", max_pages_per_image),
+        ("--fetch-timeout", fetch_timeout),
+        ("--retries", retries),
+        ("--fetch-per-host", fetch_per_host),
+        ("--fetch-concurrency", fetch_concurrency),
+        ("--user-agent", user_agent),
         ("--device", device),
         ("--batch-size", batch_size),
         ("--seed", seed),
@@ -156,6 +195,8 @@ def build(
             argv += [flag, str(value)]
     if overwrite:
         argv.append("--overwrite")
+    if not fetch:
+        argv.append("--no-fetch")
     _setup_logging(quiet or json_out)
     result = build_pairs.run(argv + beam_args)
     render.summary(result.pairmill_manifest, out, as_json=json_out)

@@ -68,15 +68,27 @@ def summary(manifest: dict[str, Any], out: str, as_json: bool = False) -> None:
     table = Table(title=f"pairmill build -> {out}", show_header=False, title_justify="left")
     table.add_column("what")
     table.add_column("count", justify="right")
+    funnel = counts.get("funnel", {})
     table.add_row("records in", f"{counts['records_in']:,}")
     for reason, n in counts["rejects"].items():
         table.add_row(f"  rejected: {reason}", f"{n:,}")
+    for label, key in (
+        ("selected (cap, URL dedup)", "selected"),
+        ("with bytes (inline, file, HTTP)", "loaded"),
+        ("decoded", "decoded"),
+    ):
+        if key in funnel:
+            table.add_row(label, f"{funnel[key]:,}")
     table.add_row("images accepted", f"{counts['images']:,}")
     table.add_row("unique contents embedded", f"{counts['unique_images']:,}")
     table.add_row("episodes (pages)", f"{counts['episodes']:,}")
+    if "paired" in funnel:
+        table.add_row("images on pages with 2+ images", f"{funnel['paired']:,}")
     table.add_row("candidate pairs", f"{counts['candidate_pairs']:,}")
     low, high = manifest["thresholds"]["low"], manifest["thresholds"]["high"]
     table.add_row(f"kept pairs ({low:g} <= sim <= {high:g})", f"{counts['kept_pairs']:,}")
+    if "in_kept_pairs" in funnel:
+        table.add_row("images in kept pairs", f"{funnel['in_kept_pairs']:,}")
     timing = manifest["timing"]
     table.add_row("seconds", f"{timing['seconds']:.1f}")
     if timing.get("images_per_second") is not None:
@@ -85,6 +97,11 @@ def summary(manifest: dict[str, Any], out: str, as_json: bool = False) -> None:
     console.print(table)
     if not manifest.get("reconciled", True):
         console.print("[red]counts do not reconcile: records_in != images + rejected[/red]")
+    top = counts.get("top_reject_domains") or []
+    if top:
+        console.print(
+            "top domains by rejects: " + ", ".join(f"{domain} ({n:,})" for domain, n in top[:5])
+        )
     if manifest.get("from_run"):
         source = manifest["from_run"]
         was = source["thresholds"]
