@@ -42,6 +42,14 @@ def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "0", "") else int(text)
 
 
+def with_default_runner(pipeline_args: list[str]) -> list[str]:
+    """Beam flags with `--runner FnApiRunner` unless one was given: Beam's own default,
+    the DirectRunner, first tries to download the Prism runner binary."""
+    if any(arg == "--runner" or arg.startswith("--runner=") for arg in pipeline_args):
+        return pipeline_args
+    return ["--runner", DEFAULT_RUNNER, *pipeline_args]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="build_pairs", description=__doc__.splitlines()[0])
     p.add_argument("inputs", nargs="+", help="crawl files, directories or globs")
@@ -85,8 +93,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[BuildConfig, list[str]]:
     known, pipeline_args = parser().parse_known_args(argv)
     values = {k: v for k, v in vars(known).items()}
     config = BuildConfig(**values).validate()
-    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in pipeline_args):
-        pipeline_args = ["--runner", DEFAULT_RUNNER, *pipeline_args]
+    pipeline_args = with_default_runner(pipeline_args)
     return config, pipeline_args
 
 

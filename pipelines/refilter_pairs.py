@@ -22,7 +22,7 @@ from pairmill import manifest
 from pairmill.config import BuildConfig
 from pairmill.errors import ConfigError
 from pairmill.transforms import JoinPairBytes, PairWithinEpisodes, ReadRunTable, WriteRun
-from pipelines.build_pairs import DEFAULT_RUNNER, _optional_int
+from pipelines.build_pairs import DEFAULT_RUNNER, _optional_int, with_default_runner
 
 # What a re-filter may change; everything else is the source run's.
 OVERRIDABLE = (
@@ -70,8 +70,7 @@ def parse_known_args(argv: list[str] | None) -> tuple[BuildConfig, dict, list[st
         if value is not None:
             values[name] = value
     config = BuildConfig(**values).validate()
-    if not any(arg == "--runner" or arg.startswith("--runner=") for arg in pipeline_args):
-        pipeline_args = ["--runner", DEFAULT_RUNNER, *pipeline_args]
+    pipeline_args = with_default_runner(pipeline_args)
     return config, source, pipeline_args
 
 
