@@ -38,10 +38,11 @@ def _setup_logging(quiet: bool) -> None:
     context_settings=_BEAM_PASSTHROUGH,
     help=(
         "Build pair shards from crawl files (Parquet, JSONL or CSV; paths, directories, globs "
-        "or fsspec URLs). Each row needs page_url, image_url and either image (bytes) or "
-        "image_path. Extra --flags not listed here are passed to Apache Beam (e.g. "
-        "--direct_num_workers 2, or --runner DataflowRunner --project P --region R "
-        "--temp_location gs://…)."
+        "or fsspec URLs): tables with page_url, image_url and image (bytes) or image_path "
+        "(else the image is fetched over http/https), MMC4/OBELICS documents, or img2dataset "
+        "output (see --input-format). Or re-filter an earlier run with --from-run. Extra "
+        "--flags not listed here are passed to Apache Beam (e.g. --direct_num_workers 2, or "
+        "--runner DataflowRunner --project P --region R --temp_location gs://…)."
     ),
 )
 def build(
