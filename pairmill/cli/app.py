@@ -286,7 +286,14 @@ def version() -> None:
 
 
 # Each analysis command lives in its own module with a `register(app)` function.
-_COMMAND_MODULES = ("cmd_validate", "cmd_inspect", "cmd_hist", "cmd_calibrate")
+_COMMAND_MODULES = (
+    "cmd_validate",
+    "cmd_inspect",
+    "cmd_hist",
+    "cmd_calibrate",
+    "cmd_train",
+    "cmd_sample",
+)
 
 
 def _register_commands() -> None:
