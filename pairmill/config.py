@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from pairmill.crawl import INPUT_FORMATS
 from pairmill.errors import ConfigError
@@ -79,7 +79,6 @@ class BuildConfig:
     shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
     overwrite: bool = False
     from_run: str | None = None
-    extra: dict = field(default_factory=dict)
 
     def validate(self) -> BuildConfig:
         """Check every value and fill the band from the encoder preset; returns self."""
