@@ -43,3 +43,15 @@ def sample_crawl(tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Training tests run torch on one thread: two OpenMP threads on a shared 2-core
+    machine spin against each other and run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

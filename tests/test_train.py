@@ -25,14 +25,7 @@ from pairmill.train.loop import BatchStream, TrainConfig, load_checkpoint, train
 from pairmill.train.model import MODELS, build_model, model_config
 from pipelines import build_pairs
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two OpenMP threads on a shared 2-core machine spin against each other (~50x slower).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

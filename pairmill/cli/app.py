@@ -293,6 +293,7 @@ _COMMAND_MODULES = (
     "cmd_calibrate",
     "cmd_train",
     "cmd_sample",
+    "cmd_eval",
 )
 
 
