@@ -138,9 +138,42 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         "rejects": rejects,
         "counts": counts,
     }
+    write_run(tables, config)
+
+
+def write_run(tables: dict, config: BuildConfig) -> None:
+    """Write a run's tables and report with the config's pair format and shard sizes."""
     _ = tables | "WriteRun" >> WriteRun(
         config.out, config.format, config.writer_options(), config.shard_rows, config.shard_size_mb
     )
+
+
+def execute(config, pipeline_args, test_pipeline, build_graph, encoder, describe, from_run=None):
+    """Run a graph built by `build_graph(p)`, then write the manifest and check the counts.
+
+    Shared by the build and the re-filter; returns the PipelineResult with the manifest
+    in `.pairmill_manifest`.
+    """
+    options = PipelineOptions(pipeline_args)
+    runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
+    log.info("%s, runner %s", describe, runner)
+    started = time.monotonic()
+    p = test_pipeline or beam.Pipeline(options=options)
+    build_graph(p)
+    result = p.run()
+    result.wait_until_finish()
+    result.pairmill_manifest = manifest.finish_run(
+        config.out,
+        config.to_dict(),
+        encoder,
+        time.monotonic() - started,
+        runner,
+        config.format,
+        config.writer_options(),
+        from_run=from_run,
+    )
+    manifest.check_reconciled(result.pairmill_manifest, config.out)
+    return result
 
 
 def run(argv: list[str] | None = None, test_pipeline=None):
@@ -153,25 +186,6 @@ def run(argv: list[str] | None = None, test_pipeline=None):
     manifest.prepare_output(config.out, config.overwrite)
     handler = EncoderModelHandler(config.encoder, weights, device, config.batch_size, config.seed)
 
-    options = PipelineOptions(pipeline_args)
-    runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
-    log.info(
-        "building %d crawl file(s) -> %s with %s (%s) on %s, band %g..%g, runner %s",
-        len(files),
-        config.out,
-        config.encoder,
-        weights.description,
-        device,
-        config.low,
-        config.high,
-        runner,
-    )
-    started = time.monotonic()
-    p = test_pipeline or beam.Pipeline(options=options)
-    build(p, config, files, handler)
-    result = p.run()
-    result.wait_until_finish()
-    seconds = time.monotonic() - started
     encoder = {
         "name": preset.name,
         "family": preset.family,
@@ -180,19 +194,20 @@ def run(argv: list[str] | None = None, test_pipeline=None):
         "embed_dim": preset.embed_dim,
         "device": device,
         "batch_size": config.batch_size,
-        "weights": weights.to_dict() if hasattr(weights, "to_dict") else vars(weights),
+        "weights": weights.to_dict(),
     }
-    result.pairmill_manifest = manifest.finish_run(
-        config.out,
-        config.to_dict(),
-        encoder,
-        seconds,
-        runner,
-        config.format,
-        config.writer_options(),
+    describe = (
+        f"building {len(files)} crawl file(s) -> {config.out} with {config.encoder} "
+        f"({weights.description}) on {device}, band {config.low:g}..{config.high:g}"
     )
-    manifest.check_reconciled(result.pairmill_manifest, config.out)
-    return result
+    return execute(
+        config,
+        pipeline_args,
+        test_pipeline,
+        lambda p: build(p, config, files, handler),
+        encoder,
+        describe,
+    )
 
 
 if __name__ == "__main__":

@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import time
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from pairmill import manifest
 from pairmill.config import BuildConfig
 from pairmill.errors import ConfigError
-from pairmill.transforms import JoinPairBytes, PairWithinEpisodes, ReadRunTable, WriteRun
-from pipelines.build_pairs import DEFAULT_RUNNER, _optional_int, with_default_runner
+from pairmill.transforms import JoinPairBytes, PairWithinEpisodes, ReadRunTable
+from pipelines.build_pairs import _optional_int, execute, with_default_runner, write_run
 
 # What a re-filter may change; everything else is the source run's.
 OVERRIDABLE = (
@@ -117,30 +115,20 @@ def build(p: beam.Pipeline, config: BuildConfig, source: dict) -> None:
         "rejects": rejects,
         "counts": counts,
     }
-    _ = tables | "WriteRun" >> WriteRun(
-        config.out, config.format, config.writer_options(), config.shard_rows, config.shard_size_mb
-    )
+    write_run(tables, config)
 
 
 def run(argv: list[str] | None = None, test_pipeline=None):
     """Run a re-filter; returns the Beam PipelineResult (manifest in `.pairmill_manifest`)."""
     config, source, pipeline_args = parse_known_args(argv)
     manifest.prepare_output(config.out, config.overwrite)
-    options = PipelineOptions(pipeline_args)
-    runner = options.view_as(StandardOptions).runner or DEFAULT_RUNNER
-    started = time.monotonic()
-    p = test_pipeline or beam.Pipeline(options=options)
-    build(p, config, source)
-    result = p.run()
-    result.wait_until_finish()
-    result.pairmill_manifest = manifest.finish_run(
-        config.out,
-        config.to_dict(),
+    return execute(
+        config,
+        pipeline_args,
+        test_pipeline,
+        lambda p: build(p, config, source),
         source["encoder"],
-        time.monotonic() - started,
-        runner,
-        config.format,
-        config.writer_options(),
+        f"re-filtering {config.from_run} -> {config.out}, band {config.low:g}..{config.high:g}",
         from_run={
             "run": config.from_run,
             "thresholds": source["thresholds"],
@@ -148,8 +136,6 @@ def run(argv: list[str] | None = None, test_pipeline=None):
             "counts": source["counts"],
         },
     )
-    manifest.check_reconciled(result.pairmill_manifest, config.out)
-    return result
 
 
 if __name__ == "__main__":
