@@ -82,9 +82,9 @@ class _Handler(BaseHTTPRequestHandler):
             app.user_agents.append(self.headers.get("User-Agent"))
             app.connections.add(self.client_address)
         route = app.routes.get(self.path)
-        for gauge in (app.gauge, app.group):
-            if gauge is not None:
-                gauge.enter()
+        self._gauges = [g for g in (app.gauge, app.group) if g is not None]
+        for gauge in self._gauges:
+            gauge.enter()
         try:
             if route is None:
                 respond(self, 404, b"not found")
@@ -93,9 +93,15 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away (a cut body, a timeout)
             self.close_connection = True
         finally:
-            for gauge in (app.gauge, app.group):
-                if gauge is not None:
-                    gauge.leave()
+            self.stop_counting()
+
+    def stop_counting(self):
+        """Leave the in-flight gauges once. `respond` calls this before sending: a client
+        that has read the whole body may start its next request before this handler
+        thread returns, and counting until then would see more in flight than there are."""
+        for gauge in self._gauges:
+            gauge.leave()
+        self._gauges = []
 
 
 class Server:
@@ -131,6 +137,7 @@ class Server:
 
 
 def respond(handler, status=200, body=b"", headers=()):
+    handler.stop_counting()
     handler.send_response(status)
     for name, value in headers:
         handler.send_header(name, value)
