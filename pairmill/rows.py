@@ -6,27 +6,30 @@ import hashlib
 import json
 from typing import Any
 
-import numpy as np
-
 from pairmill.records import CrawlRecord, extra_json
 
 
-def image_row(record: CrawlRecord, decoded, embedding: np.ndarray) -> dict[str, Any]:
-    """The images-table row of an accepted record (schema ``image_v1``)."""
+def image_row(
+    record: CrawlRecord, decoded, embedding: list[float], sha256: str | None = None
+) -> dict[str, Any]:
+    """The images-table row of an accepted record (schema ``image_v1``).
+
+    `sha256` of the stored bytes may be given when one content serves several records.
+    """
     return {
         "image_id": record.image_id,
         "episode_id": record.episode_id,
         "page_url": record.canonical_page_url,
         "source_page_url": record.page_url,
         "url": record.image_url,
-        "sha256": hashlib.sha256(decoded.data).hexdigest(),
+        "sha256": sha256 or hashlib.sha256(decoded.data).hexdigest(),
         "format": decoded.format,
         "width": decoded.width,
         "height": decoded.height,
         "source_width": decoded.source_width,
         "source_height": decoded.source_height,
         "image": decoded.data,
-        "embedding": np.asarray(embedding, dtype=np.float32).tolist(),
+        "embedding": embedding,
         "extra": extra_json(record.extra),
         "source": record.source,
         "row": record.row,

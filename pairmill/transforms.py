@@ -8,6 +8,7 @@ its own name and reject rows under ``"rejects"``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -367,9 +368,12 @@ class _ExpandMembers(beam.DoFn):
     def process(self, element):
         content, embedding = element
         vector = np.asarray(embedding, dtype=np.float32)
+        # Once per content, not once per page showing it.
+        as_list = vector.tolist()
+        stored_sha256 = hashlib.sha256(content.decoded.data).hexdigest()
         for record in content.members:
             self.images.inc()
-            row = rows.image_row(record, content.decoded, vector)
+            row = rows.image_row(record, content.decoded, as_list, stored_sha256)
             yield beam.pvalue.TaggedOutput("light", (record.episode_id, (record.image_id, vector)))
             yield record.episode_id, row
 
