@@ -179,6 +179,41 @@ class Encoder:
                 feats = self.model(x)
             return torch.nn.functional.normalize(feats.float(), dim=-1)
 
+    def forward_with_tokens(
+        self, x: torch.Tensor, grid: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised input -> ((N, D) unit embeddings, (N, T, W) patch tokens), on the device.
+
+        The embeddings equal `forward`'s; the tokens are pooled to `grid` x `grid` when
+        given (see `pairmill.encoders.tokens`).
+        """
+        torch = lazy("torch")
+        from pairmill.encoders.tokens import global_and_tokens, pool_tokens
+
+        with torch.inference_mode():
+            with self._autocast():
+                feats, tokens = global_and_tokens(self.model, x)
+            return (
+                torch.nn.functional.normalize(feats.float(), dim=-1),
+                pool_tokens(tokens.float(), grid),
+            )
+
+    def embed_with_tokens(
+        self, pixels: np.ndarray, grid: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, S, S, 3) crops -> (float32 (N, D) unit vectors, float16 (N, T, W) tokens).
+
+        Args:
+          pixels: crops from `preprocess`.
+          grid: average-pool the patch tokens to grid x grid (None or 0: the native grid).
+        """
+        if len(pixels) == 0:
+            self._check(pixels)
+            empty = self.embed_with_tokens(np.zeros((1, *pixels.shape[1:]), np.uint8), grid)
+            return empty[0][:0], empty[1][:0]
+        feats, tokens = self.forward_with_tokens(self.to_input(pixels), grid)
+        return feats.cpu().numpy(), tokens.to(lazy("torch").float16).cpu().numpy()
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, S, S, 3) crops from `preprocess` -> float32 (N, D) unit vectors."""
         if len(pixels) == 0:
