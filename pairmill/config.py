@@ -37,6 +37,10 @@ class BuildConfig:
       fetch: fetch records that only have an image_url (http/https).
       fetch_timeout, retries, fetch_per_host, fetch_concurrency, user_agent: HTTP fetching.
       max_pages_per_image: the same bytes on more pages are boilerplate (None: keep all).
+      store_tokens: also store the encoder's patch tokens (float16) per image and per
+        pair side (schemas image_v2 / pair_v2), for cross-attention conditioning.
+      token_grid: average-pool the stored tokens to token_grid x token_grid (0: the
+        encoder's native patch grid).
       device: auto, cpu or cuda.
       batch_size: encoder batch size.
       seed: seed of random weights.
@@ -72,6 +76,8 @@ class BuildConfig:
     fetch_per_host: int = 4
     fetch_concurrency: int = 32
     user_agent: str | None = None
+    store_tokens: bool = False
+    token_grid: int = 0
     device: str = "auto"
     batch_size: int = 32
     seed: int = 0
@@ -123,6 +129,16 @@ class BuildConfig:
             self.page_column is None or bool(self.page_column.strip()),
             "--page-column must name a column",
         )
+        _check(self.token_grid >= 0, "--token-grid must be at least 1 (or 0: native grid)")
+        _check(
+            self.store_tokens or not self.token_grid,
+            "--token-grid applies to --store-tokens",
+        )
+        _check(
+            self.token_grid <= preset.token_grid,
+            f"--token-grid {self.token_grid} is finer than {preset.name}'s "
+            f"{preset.token_grid}x{preset.token_grid} patch grid",
+        )
         self.decode_config()  # validates the decode and re-encode flags
         self.fetch_config()  # validates the fetching flags
         return self
@@ -156,12 +172,27 @@ class BuildConfig:
             **extra,
         )
 
+    def schema_ids(self) -> dict[str, str]:
+        """The schema of each table this build writes."""
+        return schema_ids(self.store_tokens)
+
     def writer_options(self) -> dict:
         """Options of the pair shard writer."""
         return {"compression": self.compression} if self.format == "tfrecord" else {}
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def schema_ids(store_tokens: bool) -> dict[str, str]:
+    """Table -> schema id: pair_v2 / image_v2 (v1 plus patch tokens) with --store-tokens."""
+    version = 2 if store_tokens else 1
+    return {
+        "pairs": f"pair_v{version}",
+        "images": f"image_v{version}",
+        "similarities": "similarity_v1",
+        "rejects": "reject_v1",
+    }
 
 
 def _check(ok: bool, message: str) -> None:

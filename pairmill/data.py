@@ -8,6 +8,8 @@ so a shard can be split across readers without reading anything twice.
 Rows are dicts keyed by the pair schema's column names. Embeddings come back as float32
 arrays (numpy from `read_pairs`, torch from `PairShards`) rather than lists of Python
 floats, which would cost more than reading the file; image bytes stay bytes unless decoded.
+Shards built with ``--store-tokens`` (``pair_v2``) also give ``cond_tokens`` and
+``target_tokens`` as float16 arrays of shape (token_count, token_dim).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ TFRECORD = "tfrecord"
 _SUFFIXES = ((".tfrecord.gz", TFRECORD), (".tfrecord", TFRECORD), (".parquet", PARQUET))
 IMAGE_FIELDS = ("cond_image", "target_image")
 EMBEDDING_FIELDS = ("cond_embedding", "target_embedding")
+# pair_v2 (build --store-tokens): float16 patch tokens per side and their shape.
+TOKEN_FIELDS = ("cond_tokens", "target_tokens")
+TOKEN_SHAPE_FIELDS = ("token_count", "token_dim")
 _MANIFEST = "manifest.json"
 Urls = str | os.PathLike | Sequence[str | os.PathLike]
 _GLOB_CHARS = frozenset("*?[")
@@ -222,16 +227,50 @@ def read_units(
 
 
 def read_unit(unit: WorkUnit, columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
-    """The rows of one work unit, undecoded (image bytes, float32 numpy embeddings).
+    """The rows of one work unit, undecoded (image bytes, float32 numpy embeddings,
+    float16 (token_count, token_dim) numpy tokens for pair_v2 shards).
 
     A Parquet row group is read now and its rows built as they are iterated; a TFRecord
     file is streamed.
     """
+    wanted = columns
+    if columns is not None and any(name in columns for name in TOKEN_FIELDS):
+        # Tokens are stored flat: their shape columns are needed to give them shape.
+        columns = [*columns, *(n for n in TOKEN_SHAPE_FIELDS if n not in columns)]
     if unit.format == PARQUET:
-        return _table_rows(_read_row_group(unit, columns))
-    if unit.format == TFRECORD:
-        return _tfrecord_rows(unit, columns)
-    raise InputError(f"{unit.url}: unknown shard format {unit.format!r}")
+        rows = _table_rows(_read_row_group(unit, columns))
+    elif unit.format == TFRECORD:
+        rows = _tfrecord_rows(unit, columns)
+    else:
+        raise InputError(f"{unit.url}: unknown shard format {unit.format!r}")
+    return _shaped_tokens(rows, unit.url, wanted)
+
+
+def _shaped_tokens(
+    rows: Iterator[dict[str, Any]], url: str, wanted: Sequence[str] | None
+) -> Iterator[dict[str, Any]]:
+    drop = [] if wanted is None else [n for n in TOKEN_SHAPE_FIELDS if n not in wanted]
+    for row in rows:
+        if TOKEN_FIELDS[0] in row or TOKEN_FIELDS[1] in row:
+            for name in TOKEN_FIELDS:
+                if row.get(name) is not None:
+                    row[name] = tokens_array(row[name], row["token_count"], row["token_dim"], url)
+            for name in drop:
+                del row[name]
+        yield row
+
+
+def tokens_array(data: bytes, count: int, dim: int, where: str = "tokens") -> np.ndarray:
+    """Stored token bytes -> a writable float16 (count, dim) array.
+
+    Raises:
+      InputError: the bytes do not hold count x dim float16 values.
+    """
+    if len(data) != 2 * count * dim:
+        raise InputError(
+            f"{where}: tokens hold {len(data)} bytes, not {count} x {dim} float16 values"
+        )
+    return np.frombuffer(data, dtype="<f2").reshape(count, dim).astype(np.float16)
 
 
 @contextlib.contextmanager
@@ -486,7 +525,7 @@ class PairShards(_DatasetBase):
             if row.get(name) is not None:
                 pixels = decode_pixels(row[name], self.image_size, where=name)
                 row[name] = torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
-        for name in EMBEDDING_FIELDS:
+        for name in (*EMBEDDING_FIELDS, *TOKEN_FIELDS):
             if row.get(name) is not None:
                 # Readers hand out writable float32 arrays that own (or share with their
                 # batch) their memory, so the tensor wraps them without another copy.

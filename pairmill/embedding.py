@@ -31,10 +31,12 @@ class ProgressLog:
             log.info("%s: %d images (%.1f images/s)", self.what, self.count, rate)
 
 
-class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
+class EncoderModelHandler(ModelHandler[np.ndarray, Any, Any]):
     """Embeds uint8 HxWx3 encoder inputs into L2-normalised global embeddings.
 
-    Wrap it in `KeyedModelHandler` so keys survive batching.
+    Wrap it in `KeyedModelHandler` so keys survive batching. Each prediction is the
+    float32 embedding, or with `token_grid` a tuple (embedding, float16 (T, W) patch
+    tokens pooled to token_grid x token_grid), from the same forward pass.
 
     Args:
       encoder: preset name.
@@ -42,9 +44,18 @@ class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
       device: cpu or cuda (already resolved).
       batch_size: images per forward pass.
       seed: seed of random weights.
+      token_grid: also return patch tokens on this grid (None: embeddings only).
     """
 
-    def __init__(self, encoder: str, weights, device: str, batch_size: int, seed: int = 0):
+    def __init__(
+        self,
+        encoder: str,
+        weights,
+        device: str,
+        batch_size: int,
+        seed: int = 0,
+        token_grid: int | None = None,
+    ):
         # One copy per GPU shared by the worker's processes; one per process on CPU.
         super().__init__(
             min_batch_size=batch_size,
@@ -52,7 +63,7 @@ class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
             large_model=(device == "cuda"),
         )
         self.encoder, self.weights, self.device = encoder, weights, device
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.token_grid = batch_size, seed, token_grid
         self._progress: ProgressLog | None = None
 
     def load_model(self):
@@ -71,12 +82,17 @@ class EncoderModelHandler(ModelHandler[np.ndarray, np.ndarray, Any]):
 
     def run_inference(
         self, batch: Sequence[np.ndarray], model, inference_args: dict[str, Any] | None = None
-    ) -> list[np.ndarray]:
-        embeddings = model.embed(np.stack(batch))
+    ) -> list:
+        pixels = np.stack(batch)
+        if self.token_grid:
+            embeddings, tokens = model.embed_with_tokens(pixels, self.token_grid)
+            predictions = list(zip(embeddings, tokens, strict=True))
+        else:
+            predictions = list(model.embed(pixels))
         if self._progress is None:
             self._progress = ProgressLog("embedded")
         self._progress.add(len(batch))
-        return list(embeddings)
+        return predictions
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return sum(item.nbytes for item in batch)

@@ -58,12 +58,15 @@ def finish_run(
     from_run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write empty shards for empty tables, then `manifest.json`; return the manifest."""
+    from pairmill.config import schema_ids
+
     report = read_report(out)
     shards = report["shards"]
-    for table, schema_name in TABLES.items():
+    ids = schema_ids(bool(config.get("store_tokens")))
+    for table in TABLES:
         if not any(s["table"] == table for s in shards):
             fmt, options = _format_of(table, pair_format, pair_options)
-            info = write_shard(out, table, 0, 1, [], schemas.load(schema_name), fmt, options)
+            info = write_shard(out, table, 0, 1, [], schemas.load(ids[table]), fmt, options)
             shards.append(info.to_dict())
     counts = _counts(report["counts"])
     counts["top_reject_domains"] = report.get("lists", {}).get("top_reject_domains", [])
@@ -78,7 +81,7 @@ def finish_run(
         "counts": counts,
         "reconciled": counts["records_in"] == counts["images"] + counts["rejected"],
         "from_run": from_run,
-        "tables": _tables(shards, pair_format, pair_options),
+        "tables": _tables(shards, pair_format, pair_options, ids),
         "timing": {
             "seconds": round(seconds, 3),
             "images_per_second": round(counts["images"] / seconds, 2) if seconds > 0 else None,
@@ -152,17 +155,20 @@ def _format_of(table: str, pair_format: str, pair_options: dict[str, Any] | None
 
 
 def _tables(
-    shards: list[dict[str, Any]], pair_format: str, pair_options: dict[str, Any] | None
+    shards: list[dict[str, Any]],
+    pair_format: str,
+    pair_options: dict[str, Any] | None,
+    ids: dict[str, str],
 ) -> dict[str, Any]:
     tables = {}
-    for table, schema_name in TABLES.items():
+    for table in TABLES:
         mine = sorted((s for s in shards if s["table"] == table), key=lambda s: s["path"])
         fmt, options = _format_of(table, pair_format, pair_options)
         tables[table] = {
             "format": fmt,
             "options": options,
             "extension": get_writer(fmt, **options).extension,
-            "schema": schemas.load(schema_name).id,
+            "schema": ids[table],
             "rows": sum(s["rows"] for s in mine),
             "bytes": sum(s["bytes"] for s in mine),
             "shards": [{k: s[k] for k in ("path", "rows", "bytes", "sha256")} for s in mine],

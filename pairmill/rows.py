@@ -9,14 +9,28 @@ from typing import Any
 from pairmill.records import CrawlRecord, extra_json
 
 
+def token_fields(tokens) -> dict[str, Any]:
+    """The image row's token columns from a float16 (T, W) array (schema ``image_v2``)."""
+    import numpy as np
+
+    array = np.ascontiguousarray(tokens, dtype="<f2")
+    count, dim = array.shape
+    return {"tokens": array.tobytes(), "token_count": count, "token_dim": dim}
+
+
 def image_row(
-    record: CrawlRecord, decoded, embedding: list[float], sha256: str | None = None
+    record: CrawlRecord,
+    decoded,
+    embedding: list[float],
+    sha256: str | None = None,
+    tokens: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The images-table row of an accepted record (schema ``image_v1``).
+    """The images-table row of an accepted record (schema ``image_v1``, or ``image_v2``
+    with the `token_fields` of its patch tokens).
 
     `sha256` of the stored bytes may be given when one content serves several records.
     """
-    return {
+    row = {
         "image_id": record.image_id,
         "episode_id": record.episode_id,
         "page_url": record.canonical_page_url,
@@ -34,6 +48,9 @@ def image_row(
         "source": record.source,
         "row": record.row,
     }
+    if tokens is not None:
+        row.update(tokens)
+    return row
 
 
 # The image-row fields each side of a pair row copies, as cond_<name> / target_<name>.
@@ -41,7 +58,8 @@ SIDE_FIELDS = ("image_id", "url", "sha256", "width", "height", "image", "embeddi
 
 
 def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: str) -> dict:
-    """A self-contained pair row (schema ``pair_v1``) from a kept candidate and two image rows."""
+    """A self-contained pair row from a kept candidate and two image rows: schema
+    ``pair_v1``, or ``pair_v2`` when the image rows carry patch tokens (``image_v2``)."""
     row: dict[str, Any] = {
         "pair_id": candidate.pair_id,
         "episode_id": candidate.episode_id,
@@ -52,6 +70,9 @@ def pair_row(candidate, cond: dict[str, Any], target: dict[str, Any], encoder: s
             row[f"{prefix}_{name}"] = image[name]
     row["similarity"] = candidate.similarity
     row["encoder"] = encoder
+    if "tokens" in cond:
+        row["cond_tokens"], row["target_tokens"] = cond["tokens"], target["tokens"]
+        row["token_count"], row["token_dim"] = cond["token_count"], cond["token_dim"]
     return row
 
 

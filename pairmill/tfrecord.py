@@ -589,6 +589,9 @@ def row_from_example(
 ) -> dict[str, Any]:
     """A row (schema field order, the schema's Python types) from a serialized Example.
 
+    Without `schema`, the pair schema version whose features the Example has
+    (``pair_v1``, or ``pair_v2`` with patch tokens).
+
     With `arrays`, ``list<float32>`` fields come back as float32 numpy arrays instead of
     lists of floats (what a data loader wants; the values are the same).
 
@@ -597,13 +600,11 @@ def row_from_example(
         holds the wrong number of values.
       CorruptShardError: the bytes are not a valid Example.
     """
-    import schemas
-
-    schema = schema or schemas.load("pair")
     try:
         features = parse_example(data, arrays)
     except (IndexError, UnicodeDecodeError) as exc:
         raise CorruptShardError(f"record is not a valid tf.train.Example ({exc})") from exc
+    schema = schema or pair_schema_of(features)
     names = schema.names
     if len(features) != len(names) or set(features) != set(names):
         missing = [n for n in names if n not in features]
@@ -625,6 +626,14 @@ def row_from_example(
             )
         row[field.name] = _python_value(field, values, schema.id)
     return row
+
+
+def pair_schema_of(features) -> Schema:
+    """The pair schema version with exactly these feature names; else the current one
+    (whose check then names what is missing or unexpected)."""
+    import schemas
+
+    return schemas.matching("pair", features) or schemas.load("pair")
 
 
 def _python_value(field, values, schema_id: str) -> Any:
@@ -700,7 +709,8 @@ def read_rows(
 ) -> Iterator[dict]:
     """Stream the rows of a TFRecord shard (local path or fsspec URL; gzip detected).
 
-    Default schema: the current pair schema. `arrays`: see `row_from_example`.
+    Default schema: the pair schema version of the first record (every record must have
+    it). `arrays`: see `row_from_example`.
 
     Raises:
       CorruptShardError: naming the shard and the damaged record's byte offset
@@ -710,14 +720,16 @@ def read_rows(
 
     import schemas
 
-    schema = schema or schemas.load("pair")
     with fsspec.open(url, "rb") as raw:
         stream = open_records(raw, url)
         offset = 0
         try:
             for index, data in enumerate(iter_records(stream, check_crc)):
                 try:
-                    yield row_from_example(data, schema, arrays)
+                    row = row_from_example(data, schema, arrays)
+                    if schema is None:  # the rest must have the first record's version
+                        schema = schemas.matching("pair", row)
+                    yield row
                 except CorruptShardError as exc:
                     message = f"record {index} at byte {offset}: {exc}"
                     raise type(exc)(message, offset, index) from exc

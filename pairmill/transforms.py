@@ -366,14 +366,16 @@ class _ExpandMembers(beam.DoFn):
         self.images = Metrics.counter(NAMESPACE, "images")
 
     def process(self, element):
-        content, embedding = element
+        content, prediction = element
+        embedding, tokens = prediction if isinstance(prediction, tuple) else (prediction, None)
         vector = np.asarray(embedding, dtype=np.float32)
         # Once per content, not once per page showing it.
         as_list = vector.tolist()
         stored_sha256 = hashlib.sha256(content.decoded.data).hexdigest()
+        token_fields = rows.token_fields(tokens) if tokens is not None else None
         for record in content.members:
             self.images.inc()
-            row = rows.image_row(record, content.decoded, as_list, stored_sha256)
+            row = rows.image_row(record, content.decoded, as_list, stored_sha256, token_fields)
             yield beam.pvalue.TaggedOutput("light", (record.episode_id, (record.image_id, vector)))
             yield record.episode_id, row
 
@@ -616,23 +618,28 @@ class WriteRun(beam.PTransform):
       out: the run directory.
       pair_format, pair_options: the pair shard writer and its options.
       shard_rows, shard_size_mb: sizing targets.
+      schema_ids: table -> schema id (`BuildConfig.schema_ids`); default the v1 tables.
     """
 
-    TABLES = (
-        ("pairs", "pair_v1", "pair_id"),
-        ("images", "image_v1", "image_id"),
-        ("similarities", "similarity_v1", "pair_id"),
-        ("rejects", "reject_v1", "reject_id"),
+    ID_FIELDS = (
+        ("pairs", "pair_id"),
+        ("images", "image_id"),
+        ("similarities", "pair_id"),
+        ("rejects", "reject_id"),
     )
 
-    def __init__(self, out, pair_format, pair_options, shard_rows, shard_size_mb):
+    def __init__(self, out, pair_format, pair_options, shard_rows, shard_size_mb, schema_ids=None):
         super().__init__()
+        from pairmill.config import schema_ids as default_ids
+
         self.out, self.pair_format, self.pair_options = out.rstrip("/"), pair_format, pair_options
         self.shard_rows, self.shard_size_mb = shard_rows, shard_size_mb
+        self.schema_ids = schema_ids or default_ids(False)
 
     def expand(self, tables):
         shards = []
-        for table, schema, id_field in self.TABLES:
+        for table, id_field in self.ID_FIELDS:
+            schema = self.schema_ids[table]
             fmt, options = (
                 (self.pair_format, self.pair_options) if table == "pairs" else ("parquet", {})
             )

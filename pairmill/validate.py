@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -416,7 +417,34 @@ class _RowChecks:
                     f"{side}sha256 says {str(digest)[:12]}…",
                 )
 
+    def _tokens(self, cols, sides: tuple[str, ...], id_column: str) -> None:
+        """pair_v2/image_v2: each token blob holds token_count x token_dim finite float16
+        values on a square grid."""
+        if "token_count" not in cols:
+            return
+        for i, (count, dim) in enumerate(zip(cols["token_count"], cols["token_dim"], strict=True)):
+            side = math.isqrt(max(count, 0))
+            if count < 1 or dim < 1 or side * side != count:
+                where = self._where(cols, i, id_column)
+                self.tally.add("token-shape", f"{where}: {count} x {dim} tokens (not a grid)")
+                continue
+            for prefix in sides:
+                data = cols[f"{prefix}tokens"][i]
+                if len(data) != 2 * count * dim:
+                    where = self._where(cols, i, id_column)
+                    self.tally.add(
+                        f"{prefix}tokens-size",
+                        f"{where}: {prefix}tokens hold {len(data)} bytes, "
+                        f"not {count} x {dim} float16",
+                    )
+                elif not np.isfinite(np.frombuffer(data, "<f2")).all():
+                    where = self._where(cols, i, id_column)
+                    self.tally.add(
+                        f"{prefix}tokens-finite", f"{where}: {prefix}tokens are not finite"
+                    )
+
     def pairs(self, cols) -> None:
+        self._tokens(cols, ("cond_", "target_"), "pair_id")
         low, high = self.checker.low, self.checker.high
         sims = np.asarray(cols["similarity"], dtype=np.float32)
         if low is not None and high is not None:
@@ -456,6 +484,7 @@ class _RowChecks:
                     self.tally.add(f"{side}decode", f"{where}: {side}image {problem}")
 
     def images(self, cols) -> None:
+        self._tokens(cols, ("",), "image_id")
         self._unit(cols, "embedding", "image_id")
         self._image_hashes(cols, "", "image_id")
 

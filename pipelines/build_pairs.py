@@ -79,6 +79,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fetch-per-host", type=int, default=4)
     p.add_argument("--fetch-concurrency", type=int, default=32)
     p.add_argument("--user-agent", default=None)
+    p.add_argument("--store-tokens", action="store_true")
+    p.add_argument("--token-grid", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -144,7 +146,12 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
 def write_run(tables: dict, config: BuildConfig) -> None:
     """Write a run's tables and report with the config's pair format and shard sizes."""
     _ = tables | "WriteRun" >> WriteRun(
-        config.out, config.format, config.writer_options(), config.shard_rows, config.shard_size_mb
+        config.out,
+        config.format,
+        config.writer_options(),
+        config.shard_rows,
+        config.shard_size_mb,
+        config.schema_ids(),
     )
 
 
@@ -184,7 +191,10 @@ def run(argv: list[str] | None = None, test_pipeline=None):
     weights = resolve_weights(preset, config.weights, seed=config.seed)
     device = resolve_device(config.device)
     manifest.prepare_output(config.out, config.overwrite)
-    handler = EncoderModelHandler(config.encoder, weights, device, config.batch_size, config.seed)
+    token_grid = (config.token_grid or preset.token_grid) if config.store_tokens else None
+    handler = EncoderModelHandler(
+        config.encoder, weights, device, config.batch_size, config.seed, token_grid
+    )
 
     encoder = {
         "name": preset.name,
@@ -195,6 +205,9 @@ def run(argv: list[str] | None = None, test_pipeline=None):
         "device": device,
         "batch_size": config.batch_size,
         "weights": weights.to_dict(),
+        # Side of the stored patch-token grid (None: no tokens); a trainer encodes its
+        # conditioning images with the same pooling.
+        "token_grid": token_grid,
     }
     describe = (
         f"building {len(files)} crawl file(s) -> {config.out} with {config.encoder} "

@@ -16,6 +16,8 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 
 # The current version of each table; bump it (and add a new JSON file) on any change.
+# Readers accept every version. pair_v2 / image_v2 are v1 plus patch tokens, written only
+# by `build --store-tokens`; a build without tokens still writes v1.
 CURRENT = {
     "pair": "pair_v1",
     "image": "image_v1",
@@ -129,6 +131,21 @@ def load(schema_id: str) -> Schema:
         if f.type not in _ARROW_TYPES:
             raise ValueError(f"{schema_id}: field {f.name} has unknown type {f.type!r}")
     return Schema(schema_id, raw["name"], int(raw["version"]), raw.get("doc", ""), fields)
+
+
+def versions(table: str) -> list[Schema]:
+    """Every version of a table's schema, oldest first (``versions("pair")``)."""
+    found = sorted(_HERE.glob(f"{table}_v*.json"), key=lambda p: int(p.stem.rsplit("_v", 1)[1]))
+    return [load(p.stem) for p in found]
+
+
+def matching(table: str, names) -> Schema | None:
+    """The version of `table` whose columns are exactly `names` (any order), if any."""
+    wanted = set(names)
+    for schema in versions(table):
+        if set(schema.names) == wanted:
+            return schema
+    return None
 
 
 def schema_id_of(arrow_schema) -> str | None:

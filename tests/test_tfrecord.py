@@ -401,3 +401,22 @@ def test_schema_readme_documents_every_pair_feature_as_derived():
         parsed[name] = ("FixedLenFeature", fixed) if fixed else ("VarLenFeature", var)
     assert parsed == spec
     assert 'compression_type="GZIP"' in text and "pairmill.schema" in text
+
+
+def test_schema_readme_documents_the_v2_token_features():
+    """The pair_v2 table lists exactly the features v2 adds to v1, with their derived spec."""
+    from pathlib import Path
+
+    text = (Path(schemas.__file__).parent / "README.md").read_text()
+    section = text.split("## Patch tokens (`pair_v2`, `image_v2`)", 1)[1].split("```", 1)[0]
+    table = {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| `") and len(cells) == 4:
+            table[cells[0].strip("`")] = (cells[1], cells[2])
+    v1, v2 = schemas.load("pair_v1"), schemas.load("pair_v2")
+    assert v2.names[: len(v1.names)] == v1.names
+    added = v2.names[len(v1.names) :]
+    assert list(table) == added
+    spec = v2.tf_feature_spec()
+    assert table == {name: spec[name] for name in added}

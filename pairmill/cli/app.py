@@ -135,6 +135,20 @@ def build(
             "placeholders) and dropped everywhere; 0 keeps them."
         ),
     ] = 10,
+    store_tokens: Annotated[
+        bool,
+        typer.Option(
+            help="Also store the encoder's patch tokens (float16) per image and pair side "
+            "(schemas pair_v2/image_v2), for the trainer's cross-attention."
+        ),
+    ] = False,
+    token_grid: Annotated[
+        int,
+        typer.Option(
+            help="With --store-tokens: average-pool tokens to N x N (0: the encoder's "
+            "patch grid, e.g. 16x16 for DINOv2 at 224 px)."
+        ),
+    ] = 0,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Encoder batch size.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed of random weights.")] = 0,
@@ -186,6 +200,7 @@ def build(
         ("--fetch-per-host", fetch_per_host),
         ("--fetch-concurrency", fetch_concurrency),
         ("--user-agent", user_agent),
+        ("--token-grid", token_grid),
         ("--device", device),
         ("--batch-size", batch_size),
         ("--seed", seed),
@@ -198,6 +213,8 @@ def build(
         argv.append("--overwrite")
     if not fetch:
         argv.append("--no-fetch")
+    if store_tokens:
+        argv.append("--store-tokens")
     _setup_logging(quiet or json_out)
     result = build_pairs.run(argv + beam_args)
     render.summary(result.pairmill_manifest, out, as_json=json_out)

@@ -47,6 +47,8 @@ class EncoderPreset:
         sides to image_size, no crop; what SigLIP was trained with).
       hub_repo: Hugging Face repo id holding the weights ("" for none).
       hub_files: candidate file names in hub_repo, most preferred first.
+      patch_size: the ViT's patch side in pixels (its patch tokens form a
+        (image_size // patch_size)-square grid).
     """
 
     name: str
@@ -65,6 +67,12 @@ class EncoderPreset:
     resize_mode: str = "shortest"
     hub_repo: str = ""
     hub_files: tuple[str, ...] = ()
+    patch_size: int = 16
+
+    @property
+    def token_grid(self) -> int:
+        """Side of the square grid of patch tokens (build --store-tokens)."""
+        return self.image_size // self.patch_size
 
 
 def _dinov2(size: str, width: int, label: str) -> EncoderPreset:
@@ -87,10 +95,13 @@ def _dinov2(size: str, width: int, label: str) -> EncoderPreset:
         # From timm's pretrained_cfg for f"{arch}.lvd142m" (hf_hub_id).
         hub_repo=f"timm/{arch}.lvd142m",
         hub_files=TIMM_HUB_FILES,
+        patch_size=14,
     )
 
 
-def _clip(name: str, arch: str, timm_name: str, width: int, label: str) -> EncoderPreset:
+def _clip(
+    name: str, arch: str, timm_name: str, width: int, label: str, patch: int
+) -> EncoderPreset:
     return EncoderPreset(
         name=name,
         family="open_clip",
@@ -108,6 +119,7 @@ def _clip(name: str, arch: str, timm_name: str, width: int, label: str) -> Encod
         # open_clip get_pretrained_cfg(arch, "openai")["hf_hub"] == f"timm/{timm_name}.openai/".
         hub_repo=f"timm/{timm_name}.openai",
         hub_files=OPEN_CLIP_HUB_FILES,
+        patch_size=patch,
     )
 
 
@@ -131,9 +143,9 @@ PRESETS: dict[str, EncoderPreset] = {
         _dinov2("small", 384, "ViT-S/14"),
         _dinov2("base", 768, "ViT-B/14"),
         _dinov2("large", 1024, "ViT-L/14"),
-        _clip("clip-vitb32", "ViT-B-32", "vit_base_patch32_clip_224", 512, "ViT-B/32"),
-        _clip("clip-vitb16", "ViT-B-16", "vit_base_patch16_clip_224", 512, "ViT-B/16"),
-        _clip("clip-vitl14", "ViT-L-14", "vit_large_patch14_clip_224", 768, "ViT-L/14"),
+        _clip("clip-vitb32", "ViT-B-32", "vit_base_patch32_clip_224", 512, "ViT-B/32", 32),
+        _clip("clip-vitb16", "ViT-B-16", "vit_base_patch16_clip_224", 512, "ViT-B/16", 16),
+        _clip("clip-vitl14", "ViT-L-14", "vit_large_patch14_clip_224", 768, "ViT-L/14", 14),
         EncoderPreset(
             name="siglip-vitb16",
             family="open_clip",
@@ -169,6 +181,7 @@ PRESETS: dict[str, EncoderPreset] = {
             high=TINY_HIGH,
             embed_dim=128,
             description="tiny random ViT (64 px) for tests and demos; not semantic",
+            patch_size=8,
         ),
     )
 }

@@ -14,7 +14,6 @@ if TYPE_CHECKING:
 
     from pairmill.encoders.presets import EncoderPreset
 
-PATCH_SIZE = 8
 DEPTH = 4
 NUM_HEADS = 4
 
@@ -26,7 +25,7 @@ def build_tiny(preset: EncoderPreset) -> torch.nn.Module:
 
     return VisionTransformer(
         img_size=preset.image_size,
-        patch_size=PATCH_SIZE,
+        patch_size=preset.patch_size,
         embed_dim=preset.embed_dim,
         depth=DEPTH,
         num_heads=NUM_HEADS,
