@@ -16,6 +16,11 @@ not flattered by a slow baseline. Random weights (`--weights random`): the
 timing is that of the real architecture; nothing here is semantic.
 
     python benchmarks/encoder_efficiency.py --n 2048 --encoder clip-vitb32
+
+`--store-tokens [--token-grid N]` builds with patch tokens (the baseline stays the bare
+loop, which computes the same forward pass): the ratio then shows what carrying the
+tokens through the pipeline and into the shards costs, and the run's table sizes show
+what they weigh.
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def preprocess_all(crawl: Path, preset) -> np.ndarray:
     return np.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB"), preset) for b in images])
 
 
-def run_build(crawl: Path, out: Path, encoder: str, batch_size: int) -> float:
+def run_build(crawl: Path, out: Path, encoder: str, batch_size: int, extra: list[str]) -> float:
     command = [
         sys.executable,
         "-m",
@@ -102,6 +107,7 @@ def run_build(crawl: Path, out: Path, encoder: str, batch_size: int) -> float:
         str(batch_size),
         "--quiet",
         "--overwrite",
+        *extra,
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
@@ -115,8 +121,11 @@ def main() -> None:
     parser.add_argument("--encoder", default="clip-vitb32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--store-tokens", action="store_true")
+    parser.add_argument("--token-grid", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    extra = ["--store-tokens", "--token-grid", str(args.token_grid)] if args.store_tokens else []
 
     import torch
 
@@ -129,7 +138,7 @@ def main() -> None:
         pixels = preprocess_all(crawl, preset)
         encoder = load_encoder(preset, "random", device="cpu", seed=args.seed)
         bare_before = bare_loop(encoder, pixels, args.batch_size)
-        pipeline_s = run_build(crawl, tmp / "run", args.encoder, args.batch_size)
+        pipeline_s = run_build(crawl, tmp / "run", args.encoder, args.batch_size, extra)
         manifest = json.loads((tmp / "run" / "manifest.json").read_text())
         bare_after = bare_loop(encoder, pixels, args.batch_size)
 
@@ -139,6 +148,8 @@ def main() -> None:
         "encoder": args.encoder,
         "weights": "random",
         "images": n,
+        "store_tokens": args.store_tokens,
+        "table_mb": {t: round(v["bytes"] / 2**20, 1) for t, v in manifest["tables"].items()},
         "batch_size": args.batch_size,
         "torch_threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
@@ -156,6 +167,8 @@ def main() -> None:
         f"encoder {args.encoder} (random weights), {n} distinct images, batch {args.batch_size}, "
         f"{result['torch_threads']} torch threads"
     )
+    sizes = ", ".join(f"{t} {mb} MB" for t, mb in result["table_mb"].items())
+    print(f"tables: {sizes}" + (" (with patch tokens)" if args.store_tokens else ""))
     print(f"bare model loop      {result['bare_images_per_s']:8.2f} images/s")
     print(
         f"pairmill build       {result['pipeline_images_per_s']:8.2f} images/s "
