@@ -178,17 +178,37 @@ def test_guidance_zero_is_the_conditional_model():
 # Data stream, loop, resume
 
 
-def test_batch_stream_is_a_function_of_the_step(run_dir):
-    stream = BatchStream([str(run_dir)], 16, 8, 8, seed=1)
-    sequence = [b["cond_embedding"] for b in itertools.islice(stream.batches(0), 9)]
+@pytest.mark.parametrize("crop", ["center", "random"])
+def test_batch_stream_is_a_function_of_the_step(run_dir, crop):
+    stream = BatchStream([str(run_dir)], 16, 8, 8, seed=1, crop=crop, crop_scale=0.5)
+    sequence = list(itertools.islice(stream.batches(0), 9))
     rows = stream.epoch_rows
     assert rows is not None and rows < 8 * 16  # the batches cross an epoch boundary
     for known in (None, rows):
-        resumed = BatchStream([str(run_dir)], 16, 8, 8, seed=1, epoch_rows=known)
+        resumed = BatchStream(
+            [str(run_dir)], 16, 8, 8, seed=1, epoch_rows=known, crop=crop, crop_scale=0.5
+        )
         batch = next(resumed.batches(8))
-        assert torch.equal(batch["cond_embedding"], sequence[8])
+        assert torch.equal(batch["cond_embedding"], sequence[8]["cond_embedding"])
+        assert torch.equal(batch["target_image"], sequence[8]["target_image"])
         assert batch["cond_image"].shape == (16, 3, 8, 8)
         assert batch["cond_image"].dtype == torch.uint8
+
+
+def test_crop_boxes(jpeg_of):
+    from pairmill.data import decode_pixels
+    from pairmill.train.loop import crop_draws, decode_crop
+
+    data = jpeg_of("chelsea", (120, 80))
+    # The unit box (whole shorter side, centred) is exactly the reader's center crop.
+    assert np.array_equal(decode_crop(data, 16, (1.0, 0.5, 0.5)), decode_pixels(data, 16))
+    left, right = decode_crop(data, 16, (1.0, 0.0, 0.5)), decode_crop(data, 16, (1.0, 1.0, 0.5))
+    assert left.shape == right.shape == (16, 16, 3) and not np.array_equal(left, right)
+    boxes = crop_draws(3, 7, 64, 0.6)
+    assert boxes.shape == (64, 2, 3) and np.array_equal(boxes, crop_draws(3, 7, 64, 0.6))
+    assert not np.array_equal(boxes, crop_draws(3, 8, 64, 0.6))  # another step, other boxes
+    assert boxes[..., 0].min() >= 0.6 and boxes[..., 0].max() <= 1.0
+    assert boxes[..., 1:].min() >= 0 and boxes[..., 1:].max() < 1
 
 
 def test_resume_is_bit_identical(run_dir, tmp_path):
@@ -218,9 +238,10 @@ def test_objectives_prepare_the_batch():
         "cond_embedding": torch.zeros(64, 2),
         "target_embedding": torch.ones(64, 2),
     }
-    x, cond = prepare_batch(batch, "reconstruct", torch.Generator().manual_seed(0))
-    assert torch.all(x == -1) and torch.all(cond == 0)
-    x, cond = prepare_batch(batch, "pairs", torch.Generator().manual_seed(0))
+    x, cond, tokens = prepare_batch(batch, "reconstruct", torch.Generator().manual_seed(0))
+    assert torch.all(x == -1) and torch.all(cond == 0) and tokens is None
+    x, cond, tokens = prepare_batch(batch, "pairs", torch.Generator().manual_seed(0))
+    assert tokens is None
     flipped = x[:, 0, 0, 0] == -1  # the target is the stored cond side
     assert 0 < int(flipped.sum()) < 64  # about half the pairs swap sides
     # Images and embeddings swap together: the condition is always the other side.
@@ -230,10 +251,24 @@ def test_objectives_prepare_the_batch():
 
 def test_resume_refuses_a_changed_data_config(run_dir, tmp_path):
     from pairmill.errors import ConfigError
+    from pairmill.train.loop import save_checkpoint
 
     train(small_config(run_dir, tmp_path, steps=1), echo=lambda _: None)
     with pytest.raises(ConfigError, match="batch_size"):
         train(small_config(run_dir, tmp_path, steps=2, batch_size=2), echo=lambda _: None)
+    with pytest.raises(ConfigError, match="crop_scale"):
+        train(small_config(run_dir, tmp_path, steps=2, crop_scale=0.5), echo=lambda _: None)
+    # A checkpoint from before crops and tokens (no such keys) was center-cropped and
+    # global-only: it resumes with --crop center and is refused a random crop.
+    state = load_checkpoint(tmp_path / "latest.pt")
+    for key in ("crop", "crop_scale", "tokens"):
+        del state["config"][key]
+    del state["model_config"]["token_dim"]
+    save_checkpoint(tmp_path / "latest.pt", state)
+    with pytest.raises(ConfigError, match="crop='center'"):
+        train(small_config(run_dir, tmp_path, steps=2), echo=lambda _: None)
+    summary = train(small_config(run_dir, tmp_path, steps=2, crop="center"), echo=lambda _: None)
+    assert summary["step"] == 2
 
 
 def test_checkpoint_contents(run_dir, tmp_path):
@@ -254,6 +289,10 @@ def test_bad_config_fails_before_reading(tmp_path):
         train(TrainConfig(shards=["nowhere"], out=str(tmp_path), objective="copy"))
     with pytest.raises(ConfigError, match="--image-size"):
         train(TrainConfig(shards=["nowhere"], out=str(tmp_path), image_size=30))
+    with pytest.raises(ConfigError, match="--crop-scale"):
+        train(TrainConfig(shards=["nowhere"], out=str(tmp_path), crop_scale=0.0))
+    with pytest.raises(ConfigError, match="--crop "):
+        train(TrainConfig(shards=["nowhere"], out=str(tmp_path), crop="zoom"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -331,6 +370,24 @@ def test_precision_recall_on_point_clouds(rng):
     assert precision > 0.95 and recall < 0.3
     # Fakes far away: neither.
     assert metrics.precision_recall(real, real + 100.0) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("dim", [2, 16, 128])
+def test_faiss_and_numpy_agree(dim):
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(dim)
+    # An offset far from the origin: float32 cancellation is what faiss must not suffer.
+    real = rng.normal(size=(300, dim)) + 5.0
+    fake = rng.normal(scale=0.9, size=(250, dim)) + 5.1
+    for points in (real, fake):
+        by_faiss = metrics.knn_radii(points, backend="faiss")
+        assert np.allclose(by_faiss, metrics.knn_radii(points, backend="numpy"), rtol=1e-9)
+    for k in (1, 3, 5):
+        numpy_pr = metrics.precision_recall(real, fake, k=k, backend="numpy")
+        assert metrics.precision_recall(real, fake, k=k, backend="faiss") == numpy_pr
+        assert 0 < numpy_pr[0] <= 1 and 0 <= numpy_pr[1] < 1
+    with pytest.raises(ValueError, match="backend"):
+        metrics.precision_recall(real, fake, backend="annoy")
 
 
 def test_copy_rate_and_alignment(rng):

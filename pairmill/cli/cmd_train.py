@@ -14,7 +14,7 @@ def train(
     ],
     out: Annotated[str, typer.Option(help="Checkpoint directory; its latest.pt is resumed.")],
     model: Annotated[str, typer.Option(help="Model size: tiny|S|B.")] = "tiny",
-    image_size: Annotated[int, typer.Option(help="Training image side (center crop).")] = 32,
+    image_size: Annotated[int, typer.Option(help="Training image side (square crop).")] = 32,
     batch_size: Annotated[int, typer.Option(help="Pairs per step.")] = 32,
     steps: Annotated[int, typer.Option(help="Train up to this step.")] = 1000,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 2e-4,
@@ -34,8 +34,28 @@ def train(
     shuffle_buffer: Annotated[int, typer.Option(help="Rows in the shuffle buffer.")] = 1000,
     log_every: Annotated[int, typer.Option(help="Steps between progress lines.")] = 50,
     ckpt_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 1000,
+    tokens: Annotated[
+        bool,
+        typer.Option(
+            "--tokens/--no-tokens",
+            help="Cross-attend to the shards' patch tokens when they carry them (pair_v2, "
+            "build --store-tokens); --no-tokens trains on the global embedding only.",
+        ),
+    ] = True,
+    crop: Annotated[
+        str,
+        typer.Option(help="random: a seeded random square per image and step; center."),
+    ] = "random",
+    crop_scale: Annotated[
+        float,
+        typer.Option(
+            help="Random crops' side in [crop-scale, 1] x the shorter side (1: whole shorter "
+            "side, random position along the longer one)."
+        ),
+    ] = 1.0,
 ) -> None:
-    """Train (or resume) a v-prediction diffusion model conditioned on pair embeddings."""
+    """Train (or resume) a v-prediction diffusion model conditioned on pair embeddings (and,
+    with pair_v2 shards, on patch tokens through cross-attention)."""
     from pairmill.train.loop import TrainConfig
     from pairmill.train.loop import train as run_training
 
@@ -55,6 +75,9 @@ def train(
         shuffle_buffer=shuffle_buffer,
         log_every=log_every,
         ckpt_every=ckpt_every,
+        tokens=tokens,
+        crop=crop,
+        crop_scale=crop_scale,
     )
     summary = run_training(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoints in {out}")

@@ -75,6 +75,12 @@ def _expand(a: torch.Tensor) -> torch.Tensor:
     return a.view(-1, 1, 1, 1)
 
 
+def _call(model: Callable, z, t, cond, drop, tokens) -> torch.Tensor:
+    """``model(z, t, cond, drop)``, with the patch tokens when there are any (so that models
+    without cross-attention keep their four-argument signature)."""
+    return model(z, t, cond, drop) if tokens is None else model(z, t, cond, drop, tokens)
+
+
 def diffusion_loss(
     model: Callable,
     schedule: Schedule,
@@ -83,35 +89,51 @@ def diffusion_loss(
     t: torch.Tensor,
     eps: torch.Tensor,
     drop: torch.Tensor | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean epsilon-space MSE of the model's v prediction (the paper's loss).
 
     Args:
-      model: ``model(z, t, cond, drop) -> v``.
+      model: ``model(z, t, cond, drop[, tokens]) -> v``.
       x: clean images in [-1, 1], (B, 3, S, S).
       t: times in [0, 1], (B,); eps: the noise, like x; drop: bool (B,) for the null embedding.
+      tokens: the conditioning patch tokens (B, T, W) of a cross-attention model, else None.
     """
     alpha, sigma = (_expand(a) for a in schedule.alpha_sigma(t))
     z = alpha * x + sigma * eps
-    v = model(z, t, cond, drop).float()
+    v = _call(model, z, t, cond, drop, tokens).float()
     return F.mse_loss(v_to_eps(v, z, alpha, sigma), eps)
 
 
 def guided_v(
-    model: Callable, z: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, guidance: float
+    model: Callable,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    guidance: float,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided v.
 
     ``eps = eps_c + w (eps_c - eps_u)``. Since eps is affine in v for a fixed z
     (eps = sigma z + alpha v), guiding v with the same formula gives exactly that eps, and
     x stays computable at t = 1 where alpha is ~0. With w = 0 the unconditional branch is not
-    evaluated at all.
+    evaluated at all. The unconditional branch drops the embedding and the tokens together
+    (the model substitutes its null embedding and null tokens).
     """
     if guidance == 0:
-        return model(z, t, cond, None).float()
+        return _call(model, z, t, cond, None, tokens).float()
     n = z.shape[0]
     drop = torch.cat([torch.zeros(n, dtype=torch.bool), torch.ones(n, dtype=torch.bool)])
-    v = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([cond, cond]), drop.to(z.device))
+    both = None if tokens is None else torch.cat([tokens, tokens])
+    v = _call(
+        model,
+        torch.cat([z, z]),
+        torch.cat([t, t]),
+        torch.cat([cond, cond]),
+        drop.to(z.device),
+        both,
+    )
     v_c, v_u = v.float().chunk(2)
     return v_c + guidance * (v_c - v_u)
 
@@ -127,11 +149,12 @@ def sample(
     generator: torch.Generator | None = None,
     interpolation: float = 0.2,
     clip: bool = True,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one image per row of `cond`; returns images in [-1, 1], (B, 3, S, S).
 
     Args:
-      model: ``model(z, t, cond, drop) -> v``.
+      model: ``model(z, t, cond, drop[, tokens]) -> v``.
       cond: conditioning embeddings (B, D), on the model's device.
       steps: number of denoising steps (uniform in t from 1 to 0).
       sampler: "ddpm" (ancestral) or "ddim" (deterministic).
@@ -139,6 +162,7 @@ def sample(
       generator: a CPU generator; all noise is drawn from it, so seeded runs repeat exactly.
       interpolation: DDPM only: gamma of the step variance (see `_ddpm_step`).
       clip: clip the predicted clean image to [-1, 1] at each step.
+      tokens: the conditioning images' patch tokens (B, T, W) for a cross-attention model.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"unknown sampler {sampler!r}; choose ddpm or ddim")
@@ -155,7 +179,7 @@ def sample(
         lam_t, lam_s = lams[i], lams[i + 1]
         a_t, s_t = float(torch.sigmoid(lam_t).sqrt()), float(torch.sigmoid(-lam_t).sqrt())
         t = torch.full((b,), float(times[i]), device=device)
-        v = guided_v(model, z, t, cond, guidance)
+        v = guided_v(model, z, t, cond, guidance, tokens)
         x = v_to_x(v, z, a_t, s_t)
         if clip:
             x = x.clamp(-1, 1)
@@ -175,10 +199,18 @@ def _ddpm_step(z, x, lam_t, lam_s, gamma: float, generator) -> torch.Tensor:
 
     The mean is that of the posterior q(z_s | z_t, x). With c = 1 - exp(lam_t - lam_s), the
     posterior variance is c sigma_s^2 (the lower bound) and the forward transition variance
-    sigma_{t|s}^2 = c sigma_t^2 (the upper bound, DDPM's beta). Following Nichol & Dhariwal's
-    interpolation, the log-variance is ``gamma * log(c sigma_t^2) + (1 - gamma) * log(c
-    sigma_s^2)``; the paper's "interpolation 0.2" is read as gamma = 0.2 (0: posterior
-    variance, 1: forward variance).
+    sigma_{t|s}^2 = c sigma_t^2 (the upper bound, DDPM's beta). The log-variance interpolates
+    between them: ``gamma * log(c sigma_t^2) + (1 - gamma) * log(c sigma_s^2)``, so gamma
+    weights the *forward* (upper) variance and 1 - gamma the posterior (lower) one; the
+    paper's "interpolation 0.2" is gamma = 0.2 (0: posterior variance, 1: forward variance).
+
+    This is the reading of the Google samplers the paper's recipe comes from: the logSNR
+    ("simple diffusion"/VDM-style) sampler of google-research's ``diffusion_distillation``
+    (``dpm.py``, ``diffusion_reverse`` with ``x_logvar="medium:<frac>"``) sets
+    ``logvar = frac * max_logvar + (1 - frac) * min_logvar`` with max the forward and min the
+    posterior log-variance, exactly as here; Ho & Salimans' classifier-free guidance paper
+    samples with the same form, ``(posterior var)^(1 - v) * (forward var)^v`` (v = 0.3
+    there); both follow Nichol & Dhariwal's learned interpolation, whose v = 1 is beta_t.
     """
     c = float(-torch.expm1(lam_t - lam_s))
     a_t, a_s = float(torch.sigmoid(lam_t).sqrt()), float(torch.sigmoid(lam_s).sqrt())

@@ -15,7 +15,10 @@ Rules, stated once:
   * Features: the checkpoint's encoder. Test images are first prepared as training prepares
     them (center crop, the model's image size), so that real and generated images are
     compared at the same resolution; conditioning embeddings for generation are taken at
-    full resolution, as the shards stored them.
+    full resolution, as the shards stored them. A checkpoint with cross-attention gets the
+    conditioning images' patch tokens from that same encoder pass (pooled to the checkpoint's
+    token grid): run directories' stored tokens are not read, so every test source (run,
+    folder, glob) is conditioned the same way.
   * Copy threshold: ``copy_threshold`` if given, else the upper threshold of the training
     corpus's run manifest (a pair above it was a near duplicate), else 0.9.
   * Everything random (the test subset, the conditioning picks, the noise) follows ``seed``.
@@ -165,11 +168,19 @@ def png_bytes(pixels: np.ndarray) -> bytes:
 
 
 def embed_bytes(
-    images: Sequence[bytes], encoder_info: dict | None, weights: str | None, device: str
-) -> np.ndarray:
+    images: Sequence[bytes],
+    encoder_info: dict | None,
+    weights: str | None,
+    device: str,
+    tokens: bool = False,
+):
     """Embed encoded images with the checkpoint's encoder (through `encode_images`, which
-    reads files: the build's decode path, so that embeddings match the shards')."""
-    from pairmill.train.sample import encode_images
+    reads files: the build's decode path, so that embeddings match the shards').
+
+    Returns float64 (N, D) embeddings, or with `tokens` (embeddings, float16 (N, T, W) patch
+    tokens at the checkpoint's token grid).
+    """
+    from pairmill.train.sample import encode_images, encode_images_with_tokens
 
     with tempfile.TemporaryDirectory(prefix="pairmill-eval-") as tmp:
         paths = []
@@ -177,6 +188,9 @@ def embed_bytes(
             path = Path(tmp) / f"{i:07d}.img"
             path.write_bytes(data)
             paths.append(path)
+        if tokens:
+            emb, toks = encode_images_with_tokens(paths, encoder_info, weights, device)
+            return np.asarray(emb, np.float64), toks
         return np.asarray(encode_images(paths, encoder_info, weights, device), np.float64)
 
 
@@ -291,7 +305,14 @@ def evaluate(
     # Real images at the model's resolution, so real and generated images differ in content,
     # not in sharpness; the generator is conditioned on full-resolution embeddings, as trained.
     real = embed_bytes([png_bytes(p) for p in test_pixels], encoder_info, config.weights, "cpu")
-    cond_full = embed_bytes([images[i] for i in cond_index], encoder_info, config.weights, "cpu")
+    cond_bytes = [images[i] for i in cond_index]
+    cond_tokens = None
+    if ckpt["model_config"].get("token_dim"):
+        cond_full, cond_tokens = embed_bytes(
+            cond_bytes, encoder_info, config.weights, "cpu", tokens=True
+        )
+    else:
+        cond_full = embed_bytes(cond_bytes, encoder_info, config.weights, "cpu")
     cond_pixels = test_pixels[cond_index]
     cond_low = real[cond_index]
 
@@ -299,7 +320,8 @@ def evaluate(
         model = load_denoiser(ckpt, config.use_ema, config.device)
 
         def generate_fn(emb, _pixels, n, guidance, seed):
-            return generate(model, emb, n, config.steps, config.sampler, guidance, seed)
+            steps, sampler = config.steps, config.sampler
+            return generate(model, emb, n, steps, sampler, guidance, seed, cond_tokens)
 
     threshold = config.copy_threshold
     if threshold is None:

@@ -1,21 +1,26 @@
 """The training loop: pair shards -> batches -> v-prediction updates, EMA, checkpoints.
 
-Resuming is exact: every random draw of step k (times, noise, side flips, conditioning
-drops) comes from a generator seeded with (seed, k), and the data stream is a deterministic
-function of (seed, position): epoch e reads `PairShards` with ``set_epoch(e)`` (its unit
-order and shuffle buffer are seeded by (seed, e)), and step k takes rows
-[k * batch_size, (k + 1) * batch_size) of the concatenated epochs. A resumed run re-creates
-the stream and skips to row k * batch_size: whole epochs by arithmetic once the epoch's row
-count is known (it is saved in the checkpoint after the first full epoch), the rest by
-reading rows without decoding them. The global torch, numpy and python RNG states are saved
-and restored as well, for anything outside the loop that draws from them.
+Shards with patch tokens (pair_v2, from ``build --store-tokens``) train a cross-attention
+model on them unless ``tokens`` is off; pair_v1 shards train on the global embedding only.
+
+Resuming is exact: every random draw of step k (crop boxes, times, noise, side flips,
+conditioning drops) comes from generators seeded with (seed, k), and the data stream is a
+deterministic function of (seed, position): epoch e reads `PairShards` with
+``set_epoch(e)`` (its unit order and shuffle buffer are seeded by (seed, e)), and step k
+takes rows [k * batch_size, (k + 1) * batch_size) of the concatenated epochs. A resumed run
+re-creates the stream and skips to row k * batch_size: whole epochs by arithmetic once the
+epoch's row count is known (it is saved in the checkpoint after the first full epoch), the
+rest by reading rows without decoding them. The global torch, numpy and python RNG states
+are saved and restored as well, for anything outside the loop that draws from them.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -27,15 +32,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from pairmill.data import EMBEDDING_FIELDS, IMAGE_FIELDS, PairShards, decode_pixels, read_pairs
+from pairmill.data import EMBEDDING_FIELDS, IMAGE_FIELDS, TOKEN_FIELDS, PairShards, read_pairs
 from pairmill.errors import ConfigError, InputError
 from pairmill.train.diffusion import Schedule, diffusion_loss
-from pairmill.train.model import MODELS, Denoiser, build_model, model_config
+from pairmill.train.model import MODELS, Denoiser, ModelConfig, build_model, model_config
 
 log = logging.getLogger("pairmill")
 
 CKPT_FORMAT = "pairmill-train-v1"
 OBJECTIVES = ("pairs", "reconstruct")
+CROPS = ("random", "center")
 _COLUMNS = [*IMAGE_FIELDS, *EMBEDDING_FIELDS]
 
 
@@ -47,14 +53,23 @@ class TrainConfig:
       shards: pair shards (paths, run directories, globs or fsspec URLs).
       out: checkpoint directory; a ``latest.pt`` there is resumed.
       model: a size of `MODELS` (tiny, S, B).
-      image_size: side of the (center-cropped) training images.
+      image_size: side of the (square-cropped) training images.
       batch_size, steps, lr: as usual; Adam betas are the paper's (0.9, 0.99).
       ema: EMA decay (warmed up as min(ema, (1 + step) / (10 + step))).
-      cond_drop: probability of the null embedding (classifier-free guidance training).
+      cond_drop: probability of the null embedding (and null tokens) (classifier-free
+        guidance training).
       objective: ``pairs`` (generate the other image of the pair, sides flipped at random)
         or ``reconstruct`` (rebuild the conditioning image itself: the baseline).
       device: auto, cpu or cuda.
       seed: seeds the model init, the data order and every step's draws.
+      tokens: condition on the shards' patch tokens through cross-attention when they carry
+        them (pair_v2); False trains global-only on any shards (the ablation).
+      crop: ``random`` (a square box per image, drawn from the step's seed) or ``center``.
+      crop_scale: random crops' side is drawn in [crop_scale, 1] x the shorter side; 1.0 (the
+        default) keeps the whole shorter side, so only the position along the longer side
+        varies: what the generator learns keeps the framing that sampling and evaluation
+        show it (center crops of whole images), while every part of a non-square image is
+        seen over the epochs. Lower it for zoom augmentation.
       shuffle_buffer: rows in the data stream's shuffle buffer.
       log_every, ckpt_every: steps between progress lines / checkpoints.
     """
@@ -75,6 +90,9 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     betas: tuple[float, float] = (0.9, 0.99)
+    tokens: bool = True
+    crop: str = "random"
+    crop_scale: float = 1.0
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value, before anything is read or built."""
@@ -92,6 +110,10 @@ class TrainConfig:
             raise ConfigError(f"--cond-drop must be in [0, 1), got {self.cond_drop}")
         if not 0 <= self.ema < 1:
             raise ConfigError(f"--ema must be in [0, 1), got {self.ema}")
+        if self.crop not in CROPS:
+            raise ConfigError(f"--crop must be random or center, got {self.crop!r}")
+        if not 0 < self.crop_scale <= 1:
+            raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
         if not self.shards:
             raise ConfigError("no pair shards given")
 
@@ -111,10 +133,14 @@ class BatchStream:
     Args:
       shards: what `PairShards` accepts.
       batch_size: rows per batch.
-      image_size: images are resized and center-cropped to this square.
+      image_size: images are cropped to a square and resized to this side.
       shuffle_buffer: rows in the shuffle buffer (0: shard order).
-      seed: seed of the unit order and the buffer shuffle.
+      seed: seed of the unit order, the buffer shuffle and the crop boxes.
       epoch_rows: rows per epoch if known (from a checkpoint), to skip whole epochs cheaply.
+      tokens: also read both sides' patch tokens (pair_v2 shards).
+      crop: ``center``, or ``random`` (each image's box drawn from (seed, step), see
+        `crop_draws`).
+      crop_scale: random boxes' side is in [crop_scale, 1] x the image's shorter side.
     """
 
     def __init__(
@@ -125,20 +151,28 @@ class BatchStream:
         shuffle_buffer: int,
         seed: int,
         epoch_rows: int | None = None,
+        tokens: bool = False,
+        crop: str = "center",
+        crop_scale: float = 1.0,
     ):
+        columns = [*_COLUMNS, *TOKEN_FIELDS] if tokens else _COLUMNS
         # decode=False: skipped rows on resume are never decoded; kept rows are decoded here.
         self.dataset = PairShards(
-            list(shards), shuffle_buffer=shuffle_buffer, seed=seed, decode=False, columns=_COLUMNS
+            list(shards), shuffle_buffer=shuffle_buffer, seed=seed, decode=False, columns=columns
         )
         self.batch_size = batch_size
         self.image_size = image_size
         self.epoch_rows = epoch_rows
+        self.tokens = tokens
+        self.seed, self.crop, self.crop_scale = seed, crop, crop_scale
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches start_step, start_step + 1, ... (forever)."""
         rows = self._rows(start_step * self.batch_size)
+        step = start_step
         while True:
-            yield self._collate([next(rows) for _ in range(self.batch_size)])
+            yield self._collate([next(rows) for _ in range(self.batch_size)], step)
+            step += 1
 
     def _rows(self, skip: int) -> Iterator[dict[str, Any]]:
         epoch = 0
@@ -158,21 +192,100 @@ class BatchStream:
             self.epoch_rows = count
             epoch += 1
 
-    def _collate(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def _collate(self, rows: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
         batch = {}
-        for name in IMAGE_FIELDS:
-            pixels = [decode_pixels(r[name], self.image_size, where=name) for r in rows]
+        if self.crop == "random":
+            boxes = crop_draws(self.seed, step, len(rows), self.crop_scale)
+        else:
+            boxes = np.broadcast_to(np.array([1.0, 0.5, 0.5]), (len(rows), 2, 3))
+        for side, name in enumerate(IMAGE_FIELDS):
+            pixels = [
+                decode_crop(r[name], self.image_size, box[side], where=name)
+                for r, box in zip(rows, boxes, strict=True)
+            ]
             batch[name] = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         for name in EMBEDDING_FIELDS:
             batch[name] = torch.from_numpy(np.stack([r[name] for r in rows]).astype(np.float32))
+        if self.tokens:
+            for name in TOKEN_FIELDS:
+                # float16 as stored: half the host memory and transfer; the model normalises
+                # them in float32.
+                batch[name] = torch.from_numpy(np.stack([r[name] for r in rows]))
         return batch
+
+
+def crop_draws(seed: int, step: int, n: int, crop_scale: float) -> np.ndarray:
+    """Random crop boxes of batch `step`: (n, 2 sides, 3) as (scale, x, y) fractions.
+
+    scale is uniform in [crop_scale, 1] (the box side over the shorter side); x and y place
+    the box uniformly in the room left along each axis. Drawn from their own generator seeded
+    by (seed, step), apart from `step_generator`'s draws, so a resumed step crops the same.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, step, 1]))
+    u = rng.random((n, 2, 3))
+    u[..., 0] = crop_scale + (1.0 - crop_scale) * u[..., 0]
+    return u
+
+
+def decode_crop(data: bytes, size: int, box: Sequence[float], where: str = "image") -> np.ndarray:
+    """Decode image bytes to a uint8 (size, size, 3) RGB square: the box (scale, x, y) of
+    `crop_draws` cropped and resized (bicubic) in one resampling. (1, 0.5, 0.5) is the center
+    crop of `pairmill.data.decode_pixels`; JPEGs are decoded at the smallest DCT scale that
+    still leaves the box at least twice `size`."""
+    from pairmill.images import decode_image
+    from pairmill.rejects import Rejection
+
+    scale, fx, fy = (float(v) for v in box)
+    decoded = decode_image(
+        data,
+        _decode_config(),
+        prepare=functools.partial(_crop_square, size=size, box=(scale, fx, fy)),
+        prepare_min_side=math.ceil(2 * size / scale),
+    )
+    if isinstance(decoded, Rejection):
+        raise InputError(f"cannot decode {where}: {decoded.reason}: {decoded.detail}")
+    return decoded.pixels
+
+
+@functools.cache
+def _decode_config():
+    from pairmill.images import DecodeConfig
+
+    # Stored images already passed the build's filters; only the bomb limit still applies.
+    return DecodeConfig(min_side=0, max_aspect=math.inf)
+
+
+def _crop_square(im, size: int, box: tuple[float, float, float]) -> np.ndarray:
+    from PIL import Image
+
+    scale, fx, fy = box
+    width, height = im.size
+    side = scale * min(width, height)
+    left, top = fx * (width - side), fy * (height - side)
+    crop = (left, top, left + side, top + side)
+    resized = im.resize((size, size), Image.Resampling.BICUBIC, box=crop, reducing_gap=2.0)
+    return np.array(resized)  # writable, unlike np.asarray
+
+
+def conditioning_dims(shards: Sequence[str]) -> tuple[int, tuple[int, int] | None]:
+    """(embedding dimension, (token_count, token_dim) or None if the shards carry no
+    patch tokens), from the first pair."""
+    try:
+        row = next(read_pairs(list(shards), columns=["cond_embedding", TOKEN_FIELDS[0]]), None)
+    except InputError as exc:
+        if f"has no column {TOKEN_FIELDS[0]!r}" not in str(exc):
+            raise
+        row = next(read_pairs(list(shards), columns=["cond_embedding"]), None)
+    if row is None:
+        raise InputError("the pair shards hold no pairs")
+    tokens = row.get(TOKEN_FIELDS[0])
+    shape = None if tokens is None else (int(tokens.shape[0]), int(tokens.shape[1]))
+    return int(len(row["cond_embedding"])), shape
 
 
 def embedding_dim(shards: Sequence[str]) -> int:
     """The conditioning embedding's dimension, from the first pair."""
-    for row in read_pairs(list(shards), columns=["cond_embedding"]):
-        return int(len(row["cond_embedding"]))
-    raise InputError("the pair shards hold no pairs")
+    return conditioning_dims(shards)[0]
 
 
 def run_encoder(shards: Sequence[str]) -> dict[str, Any] | None:
@@ -202,16 +315,26 @@ def run_encoder(shards: Sequence[str]) -> dict[str, Any] | None:
     if found is None:
         return None
     weights = found.get("weights") or {}
-    return {
+    info = {
         "name": found.get("name"),
         "embed_dim": found.get("embed_dim"),
         "weights": {k: weights.get(k) for k in ("source", "path", "sha256", "seed", "semantic")},
     }
+    if found.get("token_grid") is not None:
+        # The grid the build pooled tokens to (0: native): sampling must pool the same way.
+        info["token_grid"] = int(found["token_grid"])
+    return info
 
 
 def _encoder_key(encoder: dict | None) -> tuple:
     weights = (encoder or {}).get("weights") or {}
-    return ((encoder or {}).get("name"), weights.get("sha256"), weights.get("seed"))
+    encoder = encoder or {}
+    return (
+        encoder.get("name"),
+        weights.get("sha256"),
+        weights.get("seed"),
+        encoder.get("token_grid"),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,21 +349,24 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def prepare_batch(
     batch: dict[str, torch.Tensor], objective: str, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target images in [-1, 1], conditioning embeddings) for the objective.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(target images in [-1, 1], conditioning embeddings, conditioning tokens or None).
 
     ``pairs``: each unordered pair is stored once, so its sides are swapped with
-    probability 1/2 (images and embeddings together). ``reconstruct``: the target is the
-    conditioning image itself.
+    probability 1/2 (images, embeddings and tokens together). ``reconstruct``: the target is
+    the conditioning image itself. Tokens are None when the batch has none.
     """
     cond_img, cond_emb = batch["cond_image"], batch["cond_embedding"]
+    tokens = batch.get("cond_tokens")
     if objective == "reconstruct":
         target = cond_img
     else:
         flip = torch.rand(cond_img.shape[0], generator=gen) < 0.5
         target = torch.where(flip[:, None, None, None], cond_img, batch["target_image"])
         cond_emb = torch.where(flip[:, None], batch["target_embedding"], cond_emb)
-    return target.float() / 127.5 - 1.0, cond_emb
+        if tokens is not None:
+            tokens = torch.where(flip[:, None, None], batch["target_tokens"], tokens)
+    return target.float() / 127.5 - 1.0, cond_emb, tokens
 
 
 def training_step(
@@ -254,7 +380,7 @@ def training_step(
 ) -> torch.Tensor:
     """One optimizer update; returns the (detached) loss."""
     gen = step_generator(config.seed, step)
-    x, cond = prepare_batch(batch, config.objective, gen)
+    x, cond, tokens = prepare_batch(batch, config.objective, gen)
     n = x.shape[0]
     t = torch.rand(n, generator=gen)
     eps = torch.randn(x.shape, generator=gen)
@@ -263,8 +389,10 @@ def training_step(
     layout = torch.channels_last if cuda else torch.contiguous_format
     x, eps = (a.to(device, non_blocking=True, memory_format=layout) for a in (x, eps))
     t, cond, drop = t.to(device), cond.to(device), drop.to(device)
+    if tokens is not None:
+        tokens = tokens.to(device, non_blocking=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        loss = diffusion_loss(model, schedule, x, cond, t, eps, drop)
+        loss = diffusion_loss(model, schedule, x, cond, t, eps, drop, tokens)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -357,15 +485,26 @@ def train(config: TrainConfig, echo: Callable[[str], None] = log.info) -> dict[s
     resumed = load_checkpoint(latest) if latest.exists() else None
 
     torch.manual_seed(config.seed)
-    mcfg = model_config(config.model, config.image_size, embedding_dim(config.shards))
+    cond_dim, token_shape = conditioning_dims(config.shards)
+    use_tokens = config.tokens and token_shape is not None
+    token_dim = token_shape[1] if use_tokens else 0
+    mcfg = model_config(config.model, config.image_size, cond_dim, token_dim)
     model = build_model(mcfg)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, betas=tuple(config.betas))
     encoder = run_encoder(config.shards)
+    if use_tokens:
+        # What sampling needs to encode conditioning images as the shards' tokens were.
+        encoder = dict(encoder or {}, token_count=token_shape[0])
+        encoder.setdefault("token_grid", math.isqrt(token_shape[0]))
     step, epoch_rows = 0, None
     if resumed is not None:
-        if resumed["model_config"] != mcfg.to_dict():
-            raise ConfigError(f"{latest} holds another model ({resumed['model_config']})")
+        # Through ModelConfig: checkpoints from before tokens lack token_dim (0 by default).
+        if ModelConfig(**resumed["model_config"]).to_dict() != mcfg.to_dict():
+            raise ConfigError(
+                f"{latest} holds another model ({resumed['model_config']}, not "
+                f"{mcfg.to_dict()}); use another --out to start a new run"
+            )
         _check_resumable(resumed["config"], config, latest)
         model.load_state_dict(resumed["model"])
         ema.load_state_dict(resumed["ema"])
@@ -385,11 +524,16 @@ def train(config: TrainConfig, echo: Callable[[str], None] = log.info) -> dict[s
         config.shuffle_buffer,
         config.seed,
         epoch_rows,
+        tokens=use_tokens,
+        crop=config.crop,
+        crop_scale=config.crop_scale,
     )
     n_params = sum(p.numel() for p in model.parameters())
     echo(
         f"training {config.model} ({n_params / 1e6:.2f}M params) at {config.image_size}px, "
-        f"objective {config.objective}, on {device}, steps {step}->{config.steps}"
+        f"objective {config.objective}, "
+        + (f"cross-attention to {token_shape[0]} tokens, " if use_tokens else "")
+        + f"on {device}, steps {step}->{config.steps}"
     )
 
     def checkpoint() -> None:
@@ -430,16 +574,20 @@ def train(config: TrainConfig, echo: Callable[[str], None] = log.info) -> dict[s
 
 
 # What the data stream and each step's draws depend on: a resumed run must keep them.
+# (Using tokens or not shows in the model config, checked separately.)
 _RESUME_KEYS = ("shards", "model", "image_size", "batch_size", "seed", "shuffle_buffer")
-_RESUME_KEYS += ("objective", "cond_drop")
+_RESUME_KEYS += ("objective", "cond_drop", "crop", "crop_scale")
+# What checkpoints written before a key existed were trained with.
+_LEGACY = {"crop": "center", "crop_scale": 1.0}
 
 
 def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
     current = config.to_dict()
     for key in _RESUME_KEYS:
-        if saved.get(key) != current[key]:
+        before = saved.get(key, _LEGACY.get(key))
+        if before != current[key]:
             raise ConfigError(
-                f"{path} was trained with {key}={saved.get(key)!r}, not {current[key]!r}; "
+                f"{path} was trained with {key}={before!r}, not {current[key]!r}; "
                 "use another --out to start a new run"
             )
 

@@ -1,19 +1,26 @@
-"""The denoiser: a small DiT-style transformer in pixel space with global image conditioning.
+"""The denoiser: a small DiT-style transformer in pixel space conditioned on an image.
 
 The paper's model is a "simple diffusion" U-ViT (conv stages at high resolution, transformer
 blocks at 32x32 and 16x16, cross-attention to the encoder's local tokens). This is the
 compact DiT form of the same idea, sized for a companion trainer: patchify, transformer
-blocks with adaLN-Zero modulation, unpatchify. The conditioning image enters the paper's
-*global* way: its CLS embedding is normalised, projected by a dense layer and added to the
-time embedding, which drives every block's modulation (FiLM). Cross-attention to local
-tokens is not implemented: pair shards carry only the global embedding.
+blocks with adaLN-Zero modulation, unpatchify. The conditioning image enters two ways:
+
+- *global*: its CLS embedding is normalised, projected by a dense layer and added to the
+  time embedding, which drives every block's modulation (FiLM);
+- *local* (``token_dim > 0``, pair_v2 shards): its patch tokens are normalised (LayerNorm),
+  projected to the model width, given a fixed 2-D sine-cosine position (they come row-major
+  over a square grid), and every block attends to them in a cross-attention sub-layer after
+  its self-attention. That sub-layer's output projection starts at zero, so an untrained
+  token model computes exactly what the global-only model with the same weights does.
 
 Classifier-free guidance: when conditioning is dropped (training) or the unconditional
-branch is wanted (sampling), a learned null vector replaces the projected embedding.
+branch is wanted (sampling), a learned null vector replaces the projected embedding and
+another learned vector, broadcast over the token positions, replaces the projected tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -34,6 +41,8 @@ class ModelConfig:
       heads: attention heads (width must be a multiple).
       cond_dim: dimension of the conditioning embedding (the encoder's).
       mlp_ratio: hidden width of each block's MLP over `width`.
+      token_dim: width of the encoder's patch tokens; 0: no tokens, no cross-attention
+        (global conditioning only; checkpoints from before tokens load with this default).
     """
 
     image_size: int = 32
@@ -43,6 +52,7 @@ class ModelConfig:
     heads: int = 4
     cond_dim: int = 128
     mlp_ratio: float = 4.0
+    token_dim: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,11 +67,14 @@ MODELS: dict[str, dict] = {
 }
 
 
-def model_config(size: str, image_size: int, cond_dim: int) -> ModelConfig:
-    """The ModelConfig of a registry size for `image_size` and the encoder's `cond_dim`."""
+def model_config(size: str, image_size: int, cond_dim: int, token_dim: int = 0) -> ModelConfig:
+    """The ModelConfig of a registry size for `image_size` and the encoder's `cond_dim` (and
+    its patch tokens' `token_dim`, 0 for global conditioning only)."""
     if size not in MODELS:
         raise ValueError(f"unknown model size {size!r}; choose one of {', '.join(MODELS)}")
-    return ModelConfig(image_size=image_size, cond_dim=cond_dim, **MODELS[size])
+    return ModelConfig(
+        image_size=image_size, cond_dim=cond_dim, token_dim=token_dim, **MODELS[size]
+    )
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10_000.0) -> torch.Tensor:
@@ -86,21 +99,65 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, dim - emb.shape[1])).float()
 
 
+@functools.cache
+def _cached_positions(grid: int, dim: int, device: torch.device) -> torch.Tensor:
+    return sincos_2d(grid, dim).to(device)
+
+
+def _token_positions(grid: int, dim: int, device: torch.device, dtype) -> torch.Tensor:
+    """The tokens' fixed position embedding (grid*grid, dim), made once per grid and device."""
+    return _cached_positions(grid, dim, device).to(dtype)
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale[:, None]) + shift[:, None]
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Multi-head attention of (B, N, W) queries over (B, M, W) keys and values."""
+    b, n, w = q.shape
+    q, k, v = (a.unflatten(-1, (heads, w // heads)).transpose(1, 2) for a in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, w)
+
+
+class CrossAttention(nn.Module):
+    """Attention from the image patches to the conditioning tokens, as a residual sub-layer.
+
+    No adaLN modulation (as in PixArt's cross-attention); the output projection is zero at
+    init, so the sub-layer adds nothing until it has learned to.
+
+    Args:
+      width: width of both the patches and the (projected) tokens.
+      heads: attention heads.
+    """
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        k, v = self.kv(tokens).chunk(2, dim=-1)
+        return self.proj(_attend(self.q(self.norm(x)), k, v, self.heads))
 
 
 class Block(nn.Module):
     """Transformer block with adaLN-Zero: the conditioning vector sets LayerNorm shift/scale
     and a residual gate, initialised to zero so that every block starts as the identity.
+    With `cross`, a cross-attention sub-layer to the conditioning tokens follows the
+    self-attention (the paper's placement).
 
     Args:
       width: token width.
       heads: attention heads.
       mlp_ratio: MLP hidden width over `width`.
+      cross: add the cross-attention sub-layer.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0):
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, cross: bool = False):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
@@ -114,21 +171,25 @@ class Block(nn.Module):
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         nn.init.zeros_(self.ada[1].weight)
         nn.init.zeros_(self.ada[1].bias)
+        self.cross = CrossAttention(width, heads) if cross else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c: torch.Tensor, tokens: torch.Tensor | None = None
+    ) -> torch.Tensor:
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
         x = x + gate1[:, None] * self._attention(_modulate(self.norm1(x), shift1, scale1))
+        if self.cross is not None:
+            x = x + self.cross(x, tokens)
         return x + gate2[:, None] * self.mlp(_modulate(self.norm2(x), shift2, scale2))
 
     def _attention(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(out.transpose(1, 2).reshape(b, n, w))
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(_attend(q, k, v, self.heads))
 
 
 class Denoiser(nn.Module):
-    """Predicts v from a noisy image, its time and the conditioning image's embedding.
+    """Predicts v from a noisy image, its time and the conditioning image's embedding (and,
+    with token_dim > 0, its patch tokens).
 
     Args:
       config: the architecture (see ModelConfig and MODELS).
@@ -149,8 +210,14 @@ class Denoiser(nn.Module):
         self.cond_proj = nn.Linear(config.cond_dim, w)
         # The "no conditioning" input of classifier-free guidance, learned like any weight.
         self.null_cond = nn.Parameter(torch.zeros(w))
+        if config.token_dim:
+            self.token_norm = nn.LayerNorm(config.token_dim, eps=1e-6)
+            self.token_proj = nn.Linear(config.token_dim, w)
+            # The "no tokens" input: one learned vector at every token position.
+            self.null_tokens = nn.Parameter(torch.zeros(w))
+        cross = config.token_dim > 0
         self.blocks = nn.ModuleList(
-            Block(w, config.heads, config.mlp_ratio) for _ in range(config.depth)
+            Block(w, config.heads, config.mlp_ratio, cross) for _ in range(config.depth)
         )
         self.final_norm = nn.LayerNorm(w, elementwise_affine=False, eps=1e-6)
         self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(w, 2 * w))
@@ -165,8 +232,13 @@ class Denoiser(nn.Module):
         conv = self.patch_embed.weight
         nn.init.xavier_uniform_(conv.view(conv.shape[0], -1))
         nn.init.normal_(self.null_cond, std=0.02)
-        # Zero output layers: the untrained model predicts v = 0, a stable start.
-        for layer in (self.final_ada[1], self.out):
+        # Zero output layers: the untrained model predicts v = 0, a stable start; zero
+        # cross-attention outputs: the token model starts as the global-only model.
+        zeroed = [self.final_ada[1], self.out]
+        if self.config.token_dim:
+            nn.init.normal_(self.null_tokens, std=0.02)
+            zeroed += [block.cross.proj for block in self.blocks]
+        for layer in zeroed:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -176,6 +248,7 @@ class Denoiser(nn.Module):
         t: torch.Tensor,
         cond: torch.Tensor,
         drop: torch.Tensor | None = None,
+        tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """v prediction.
 
@@ -183,7 +256,10 @@ class Denoiser(nn.Module):
           z: noisy images (B, 3, S, S).
           t: times in [0, 1], (B,).
           cond: conditioning embeddings (B, cond_dim); re-normalised here.
-          drop: bool (B,): use the null embedding instead (classifier-free guidance).
+          drop: bool (B,): use the null embedding (and null tokens) instead (classifier-free
+            guidance).
+          tokens: the conditioning image's patch tokens (B, T, token_dim), T = a square grid;
+            required when the model has cross-attention (token_dim > 0), refused otherwise.
         """
         x = self.patch_embed(z).flatten(2).transpose(1, 2) + self.pos
         c = self.time_mlp(timestep_embedding(t, self.config.width).to(x.dtype))
@@ -192,11 +268,33 @@ class Denoiser(nn.Module):
         if drop is not None:
             g = torch.where(drop[:, None], self.null_cond.to(g.dtype).expand_as(g), g)
         c = c + g
+        kv = self._tokens(tokens, drop, x.dtype)
         for block in self.blocks:
-            x = block(x, c)
+            x = block(x, c, kv)
         shift, scale = self.final_ada(c).chunk(2, dim=-1)
         x = self.out(_modulate(self.final_norm(x), shift, scale))
         return self._unpatchify(x)
+
+    def _tokens(
+        self, tokens: torch.Tensor | None, drop: torch.Tensor | None, dtype: torch.dtype
+    ) -> torch.Tensor | None:
+        """Projected tokens with their grid positions (the null tokens where dropped)."""
+        if not self.config.token_dim:
+            if tokens is not None:
+                raise ValueError("this model has no cross-attention (token_dim 0): pass no tokens")
+            return None
+        if tokens is None or tokens.dim() != 3 or tokens.shape[-1] != self.config.token_dim:
+            shape = None if tokens is None else tuple(tokens.shape)
+            raise ValueError(f"expected tokens (B, T, {self.config.token_dim}), got {shape}")
+        side = math.isqrt(tokens.shape[1])
+        if side * side != tokens.shape[1]:
+            raise ValueError(f"{tokens.shape[1]} tokens do not form a square grid")
+        # LayerNorm in float32: stored tokens are float16 and their scale varies by encoder.
+        kv = self.token_proj(self.token_norm(tokens.float()).to(dtype))
+        kv = kv + _token_positions(side, self.config.width, kv.device, kv.dtype)
+        if drop is not None:
+            kv = torch.where(drop[:, None, None], self.null_tokens.to(kv.dtype), kv)
+        return kv
 
     def _unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         b, p, g = x.shape[0], self.config.patch, self.grid

@@ -1,4 +1,9 @@
-"""Sampling from a checkpoint: encode conditioning images, generate variations, write a grid."""
+"""Sampling from a checkpoint: encode conditioning images, generate variations, write a grid.
+
+A checkpoint whose model cross-attends to patch tokens (``token_dim > 0``) gets the
+conditioning images' tokens from the same encoder pass as their embeddings, pooled to the
+grid the training shards were built with (the checkpoint's ``encoder.token_grid``).
+"""
 
 from __future__ import annotations
 
@@ -39,6 +44,36 @@ def encode_images(
         random weights reloads them with the run's seed (so embeddings match the shards);
         otherwise the hub cache is used.
     """
+    encoder, crops = _encoder_and_crops(paths, encoder_info, weights, device)
+    return encoder.embed(crops)
+
+
+def encode_images_with_tokens(
+    paths: Sequence[str | Path],
+    encoder_info: dict[str, Any] | None,
+    weights: str | None = None,
+    device: str = "cpu",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings (N, D), float16 patch tokens (N, T, W)) of image files, the tokens pooled
+    to the checkpoint's ``token_grid`` (0: native), as the build stored them.
+
+    Raises:
+      ConfigError: the tokens' count differs from the one the model was trained on.
+    """
+    encoder, crops = _encoder_and_crops(paths, encoder_info, weights, device)
+    grid = int((encoder_info or {}).get("token_grid") or 0)
+    embeddings, tokens = encoder.embed_with_tokens(crops, grid=grid)
+    expected = (encoder_info or {}).get("token_count")
+    if expected and tokens.shape[1] != expected:
+        raise ConfigError(
+            f"the encoder gives {tokens.shape[1]} tokens per image at token grid {grid}; "
+            f"the model was trained on {expected}"
+        )
+    return embeddings, tokens
+
+
+def _encoder_and_crops(paths, encoder_info, weights, device):
+    """The checkpoint's encoder and the files' crops, prepared as the build prepares them."""
     from pairmill.encoders import get_preset, load_encoder, preprocess
     from pairmill.images import DecodeConfig, decode_image
     from pairmill.rejects import Rejection
@@ -68,7 +103,7 @@ def encode_images(
         if isinstance(decoded, Rejection):
             raise InputError(f"cannot decode {path}: {decoded.reason}: {decoded.detail}")
         crops.append(decoded.pixels)
-    return encoder.embed(np.stack(crops))
+    return encoder, np.stack(crops)
 
 
 def _read(path: str | Path) -> bytes:
@@ -93,14 +128,24 @@ def generate(
     sampler: str = "ddpm",
     guidance: float = 0.5,
     seed: int = 0,
+    tokens: np.ndarray | torch.Tensor | None = None,
 ) -> np.ndarray:
-    """n samples per embedding: uint8 array (K, n, S, S, 3). Same seed, same samples."""
+    """n samples per embedding: uint8 array (K, n, S, S, 3). Same seed, same samples.
+
+    `tokens` (K, T, W): the conditioning images' patch tokens, required by (and only by) a
+    model with cross-attention.
+    """
+    if bool(model.config.token_dim) != (tokens is not None):
+        need = "needs" if model.config.token_dim else "takes no"
+        raise ConfigError(f"this checkpoint's model {need} patch tokens")
     device = next(model.parameters()).device
     cond = torch.as_tensor(np.asarray(embeddings), dtype=torch.float32)
     cond = cond.repeat_interleave(n, dim=0).to(device)
+    if tokens is not None:
+        tokens = torch.as_tensor(np.asarray(tokens)).repeat_interleave(n, dim=0).to(device)
     schedule = Schedule(image_size=model.config.image_size)
     gen = torch.Generator().manual_seed(seed)
-    x = sample(model, schedule, cond, steps, sampler, guidance, generator=gen)
+    x = sample(model, schedule, cond, steps, sampler, guidance, generator=gen, tokens=tokens)
     pixels = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     s = model.config.image_size
     return pixels.permute(0, 2, 3, 1).cpu().numpy().reshape(-1, n, s, s, 3)
@@ -134,8 +179,14 @@ def sample_grid(
         raise ConfigError(f"--sampler must be ddpm or ddim, got {sampler!r}")
     ckpt = load_checkpoint(ckpt_path)
     model = load_denoiser(ckpt, use_ema, device)
-    embeddings = encode_images(cond_paths, ckpt.get("encoder"), weights, device)
-    samples = generate(model, embeddings, n, steps, sampler, guidance, seed)
+    tokens = None
+    if model.config.token_dim:
+        embeddings, tokens = encode_images_with_tokens(
+            cond_paths, ckpt.get("encoder"), weights, device
+        )
+    else:
+        embeddings = encode_images(cond_paths, ckpt.get("encoder"), weights, device)
+    samples = generate(model, embeddings, n, steps, sampler, guidance, seed, tokens)
     s = model.config.image_size
     conditions = np.stack([display_pixels(p, s) for p in cond_paths])
     image = Image.fromarray(grid(conditions, samples))
