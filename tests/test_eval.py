@@ -150,3 +150,48 @@ def test_eval_cli_missing_checkpoint_is_one_line(tmp_path, run_dir, capsys):
     assert exit_info.value.code == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("pairmill: error: no checkpoint at") and "\n" not in err
+
+
+@pytest.mark.slow  # FID on 2048-d features needs a 2048x2048 matrix square root: ~15 s
+def test_eval_cli_scores_in_inception_space_with_local_weights(
+    cli, ckpt, run_dir, tmp_path, monkeypatch
+):
+    import torch
+
+    from pairmill.train import inception
+    from pairmill.train.inception import build_fid_inception
+
+    monkeypatch.setattr(inception, "INPUT_SIZE", 75)  # Inception's smallest input: a fast test
+
+    torch.manual_seed(0)
+    weights = tmp_path / "fid_inception.pth"
+    torch.save(build_fid_inception().state_dict(), weights)  # seeded random: a smoke test
+    args = ["eval", str(ckpt), "--test", str(run_dir), "--n-test", "12", "--steps", "2"]
+    args += ["--guidance", "0", "--device", "cpu", "--inception-weights", str(weights)]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)[0]
+    assert {"fid@inception", "precision@inception", "recall@inception"} <= set(row)
+    # A cosine copy threshold means nothing in Inception space: no copy-rate there.
+    assert "copy_rate@inception" not in row and row["fid@inception"] >= 0
+    assert "(Inception)" in ev.format_table([row])
+
+
+def test_a_space_without_threshold_has_no_copy_rate(ckpt, run_dir):
+    def colour_stats(pixels):
+        flat = pixels.reshape(len(pixels), -1, 3).astype(np.float64)
+        return np.concatenate([flat.mean(axis=1), flat.std(axis=1)], axis=1)
+
+    spaces = {"colour": colour_stats, "colour2": colour_stats}
+    rows = ev.evaluate(ckpt, run_dir, fast(), None, spaces, {"colour": None}).rows
+    assert {"fid@colour", "precision@colour", "recall@colour"} <= set(rows[0])
+    assert "copy_rate@colour" not in rows[0] and "alignment@colour" not in rows[0]
+    assert "copy_rate@colour2" in rows[0]  # no entry: the encoder space's threshold
+
+
+def test_eval_without_inception_weights_says_where_to_put_them(monkeypatch, tmp_path):
+    monkeypatch.delenv("PAIRMILL_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    features, thresholds, note = ev.inception_space(None)
+    assert features == {} and thresholds == {}
+    assert "pt_inception-2015-12-05-6726825d.pth" in note and "encoder's space only" in note

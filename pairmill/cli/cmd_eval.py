@@ -41,11 +41,28 @@ def eval_command(
         Optional[str], typer.Option(help="Encoder weights file, or 'random' (default: the run's).")
     ] = None,
     device: Annotated[str, typer.Option(help="auto|cpu|cuda (the denoiser).")] = "auto",
+    inception_weights: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth); default: "
+            "$PAIRMILL_INCEPTION_WEIGHTS or the torch hub cache. Adds FID/precision/recall "
+            "in Inception space when found."
+        ),
+    ] = None,
+    inception: Annotated[
+        bool, typer.Option(help="Also score in Inception space when its weights are local.")
+    ] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
     """FID, precision/recall (k=3), copy-rate and alignment: K conditioning images from the N
     test images, about N/K samples each, compared with the N test images."""
-    from pairmill.train.evaluate import EvalConfig, evaluate, format_table, plot_precision_recall
+    from pairmill.train.evaluate import (
+        EvalConfig,
+        evaluate,
+        format_table,
+        inception_space,
+        plot_precision_recall,
+    )
     from pairmill.train.loop import resolve_train_device
 
     config = EvalConfig(
@@ -60,13 +77,18 @@ def eval_command(
         device=str(resolve_train_device(device)),
     )
     config.validate()  # bad flags fail before the checkpoint is read
-    result = evaluate(ckpt, test, config)
+    features, thresholds, note = ({}, {}, "")
+    if inception:
+        features, thresholds, note = inception_space(inception_weights, config.device)
+    result = evaluate(ckpt, test, config, None, features, thresholds)
     if png is not None:
         plot_precision_recall(result.rows, png)
     if json_out:
         print(json.dumps(result.rows, indent=1))
     else:
         print(format_table(result.rows))
+        if note:
+            print(note)
         if png is not None:
             print(f"wrote {png}")
 

@@ -63,6 +63,28 @@ class TestSet:
         return len(self.images)
 
 
+def inception_space(
+    weights: str | os.PathLike | None, device: str = "cpu"
+) -> tuple[dict[str, Callable], dict[str, None], str]:
+    """The FID Inception feature space when its weights are available locally.
+
+    Returns (extra_features, extra_thresholds, note) for `evaluate`: empty dicts and a note
+    saying where to put the weights when none are found.
+    """
+    from pairmill.train import inception
+
+    path = inception.find_weights(weights)
+    if path is None:
+        note = (
+            f"FID in the encoder's space only: no local Inception weights "
+            f"({inception.WEIGHTS_FILE} in $TORCH_HOME/hub/checkpoints, "
+            f"${inception.ENV} or --inception-weights)"
+        )
+        return {}, {}, note
+    features = inception.InceptionFeatures(path, device=device)
+    return {"inception": features}, {"inception": None}, f"Inception features from {path}"
+
+
 @dataclass
 class EvalConfig:
     """What `evaluate` depends on (besides the checkpoint and the test set)."""
@@ -271,7 +293,8 @@ def evaluate(
       extra_features: more feature spaces, name -> function of uint8 (M, S, S, 3) images to
         (M, D) features; each adds FID/precision/recall (and copy-rate/alignment) rows keyed
         ``<metric>@<name>``.
-      extra_thresholds: copy thresholds of those spaces (default: the encoder space's).
+      extra_thresholds: copy thresholds of those spaces (default: the encoder space's;
+        None: no copy-rate or alignment in that space).
     """
     from pairmill.data import decode_pixels
     from pairmill.train.loop import load_checkpoint
@@ -350,8 +373,12 @@ def evaluate(
             copy_threshold=float(threshold),
         )
         for name, fn in extra_features.items():
-            cut = (extra_thresholds or {}).get(name, threshold)
-            scores = set_metrics(extra_real[name], fn(flat), extra_cond[name][owner], cut)
+            thresholds = extra_thresholds or {}
+            cut = thresholds.get(name, threshold)
+            # A space whose threshold is None has no copy-rate/alignment (e.g. Inception's,
+            # where a cosine cut-off means nothing).
+            conds = None if name in thresholds and cut is None else extra_cond[name][owner]
+            scores = set_metrics(extra_real[name], fn(flat), conds, cut)
             row.update({f"{metric}@{name}": value for metric, value in scores.items()})
         rows.append(row)
         all_samples[float(guidance)] = per_cond
@@ -413,6 +440,12 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             f"{r['guidance']:>8g} {r['fid']:>10.4g} {r['precision']:>9.3f} {r['recall']:>7.3f} "
             f"{r['copy_rate']:>6.3f} {r['alignment']:>6.3f}"
         )
+    for r in rows:
+        if "fid@inception" in r:
+            lines.append(
+                f"{r['guidance']:>8g} {r['fid@inception']:>10.4g} "
+                f"{r['precision@inception']:>9.3f} {r['recall@inception']:>7.3f}   (Inception)"
+            )
     if rows:
         r = rows[0]
         lines.append(
