@@ -302,3 +302,19 @@ def test_train_cli_no_tokens_and_crop_flags(v2_run, tmp_path):
     ckpt = load_checkpoint(tmp_path / "latest.pt")
     assert ckpt["model_config"]["token_dim"] == 0 and ckpt["config"]["tokens"] is False
     assert ckpt["config"]["crop_scale"] == 0.8
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_tokens_resumes_and_samples(v2_run, tmp_path):
+    """The CUDA path: bf16 autocast, channels-last, optimizer state moved on resume."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from pairmill.train.sample import load_denoiser
+
+    summary = train(small_config(v2_run, tmp_path, steps=20, device="cuda"), echo=quiet)
+    assert np.isfinite(summary["loss"])
+    summary = train(small_config(v2_run, tmp_path, steps=25, device="cuda"), echo=quiet)
+    assert summary["step"] == 25 and np.isfinite(summary["loss"])
+    ckpt = load_checkpoint(tmp_path / "latest.pt")
+    model = load_denoiser(ckpt, True, "cuda")
+    assert next(model.parameters()).device.type == "cuda"

@@ -53,6 +53,13 @@ def train(
             "side, random position along the longer one)."
         ),
     ] = 1.0,
+    decode_workers: Annotated[
+        int,
+        typer.Option(
+            help="Threads decoding each batch (0: min(8, CPU count)); the next batch is "
+            "prepared while the current one trains."
+        ),
+    ] = 0,
 ) -> None:
     """Train (or resume) a v-prediction diffusion model conditioned on pair embeddings (and,
     with pair_v2 shards, on patch tokens through cross-attention)."""
@@ -78,6 +85,7 @@ def train(
         tokens=tokens,
         crop=crop,
         crop_scale=crop_scale,
+        decode_workers=decode_workers,
     )
     summary = run_training(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
     print(f"trained to step {summary['step']} (loss {summary['loss']:.4f}); checkpoints in {out}")

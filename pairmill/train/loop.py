@@ -70,6 +70,9 @@ class TrainConfig:
         varies: what the generator learns keeps the framing that sampling and evaluation
         show it (center crops of whole images), while every part of a non-square image is
         seen over the epochs. Lower it for zoom augmentation.
+      decode_workers: threads decoding each batch's images (0: min(8, CPU count)); the next
+        batch is prepared in the background during the current step. Not part of what a
+        run depends on: any value gives the same batches.
       shuffle_buffer: rows in the data stream's shuffle buffer.
       log_every, ckpt_every: steps between progress lines / checkpoints.
     """
@@ -93,6 +96,7 @@ class TrainConfig:
     tokens: bool = True
     crop: str = "random"
     crop_scale: float = 1.0
+    decode_workers: int = 0
 
     def validate(self) -> None:
         """Raise ConfigError on a bad value, before anything is read or built."""
@@ -114,6 +118,8 @@ class TrainConfig:
             raise ConfigError(f"--crop must be random or center, got {self.crop!r}")
         if not 0 < self.crop_scale <= 1:
             raise ConfigError(f"--crop-scale must be in (0, 1], got {self.crop_scale}")
+        if self.decode_workers < 0:
+            raise ConfigError(f"--decode-workers must be >= 0, got {self.decode_workers}")
         if not self.shards:
             raise ConfigError("no pair shards given")
 
@@ -141,6 +147,10 @@ class BatchStream:
       crop: ``center``, or ``random`` (each image's box drawn from (seed, step), see
         `crop_draws`).
       crop_scale: random boxes' side is in [crop_scale, 1] x the image's shorter side.
+      decode_workers: threads decoding a batch's images (Pillow releases the GIL while it
+        decodes and resizes); 0: min(8, CPU count). The next batch is read and decoded in
+        the background while the model trains on the current one. Batches do not depend
+        on it.
     """
 
     def __init__(
@@ -154,6 +164,7 @@ class BatchStream:
         tokens: bool = False,
         crop: str = "center",
         crop_scale: float = 1.0,
+        decode_workers: int = 0,
     ):
         columns = [*_COLUMNS, *TOKEN_FIELDS] if tokens else _COLUMNS
         # decode=False: skipped rows on resume are never decoded; kept rows are decoded here.
@@ -165,14 +176,28 @@ class BatchStream:
         self.epoch_rows = epoch_rows
         self.tokens = tokens
         self.seed, self.crop, self.crop_scale = seed, crop, crop_scale
+        self.decode_workers = decode_workers or min(8, os.cpu_count() or 1)
 
     def batches(self, start_step: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches start_step, start_step + 1, ... (forever)."""
+        """Batches start_step, start_step + 1, ... (forever), each made one step ahead in a
+        background thread."""
+        from concurrent.futures import ThreadPoolExecutor
+
         rows = self._rows(start_step * self.batch_size)
-        step = start_step
-        while True:
-            yield self._collate([next(rows) for _ in range(self.batch_size)], step)
-            step += 1
+        with (
+            ThreadPoolExecutor(self.decode_workers) as pool,
+            ThreadPoolExecutor(1) as ahead,
+        ):
+
+            def make(step: int) -> dict[str, torch.Tensor]:
+                return self._collate([next(rows) for _ in range(self.batch_size)], step, pool)
+
+            future, step = ahead.submit(make, start_step), start_step
+            while True:
+                batch = future.result()
+                step += 1
+                future = ahead.submit(make, step)
+                yield batch
 
     def _rows(self, skip: int) -> Iterator[dict[str, Any]]:
         epoch = 0
@@ -192,17 +217,23 @@ class BatchStream:
             self.epoch_rows = count
             epoch += 1
 
-    def _collate(self, rows: list[dict[str, Any]], step: int) -> dict[str, torch.Tensor]:
+    def _collate(self, rows: list[dict[str, Any]], step: int, pool=None) -> dict[str, torch.Tensor]:
         batch = {}
         if self.crop == "random":
             boxes = crop_draws(self.seed, step, len(rows), self.crop_scale)
         else:
             boxes = np.broadcast_to(np.array([1.0, 0.5, 0.5]), (len(rows), 2, 3))
+        run = pool.map if pool is not None else map
         for side, name in enumerate(IMAGE_FIELDS):
-            pixels = [
-                decode_crop(r[name], self.image_size, box[side], where=name)
-                for r, box in zip(rows, boxes, strict=True)
-            ]
+            pixels = list(
+                run(
+                    lambda r, box, name=name, side=side: decode_crop(
+                        r[name], self.image_size, box[side], where=name
+                    ),
+                    rows,
+                    boxes,
+                )
+            )
             batch[name] = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous()
         for name in EMBEDDING_FIELDS:
             batch[name] = torch.from_numpy(np.stack([r[name] for r in rows]).astype(np.float32))
@@ -527,6 +558,7 @@ def train(config: TrainConfig, echo: Callable[[str], None] = log.info) -> dict[s
         tokens=use_tokens,
         crop=config.crop,
         crop_scale=config.crop_scale,
+        decode_workers=config.decode_workers,
     )
     n_params = sum(p.numel() for p in model.parameters())
     echo(
