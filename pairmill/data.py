@@ -380,24 +380,34 @@ def decode_row(row: dict[str, Any], image_size: int | None = None) -> dict[str, 
     return row
 
 
-def decode_pixels(data: bytes, image_size: int | None = None, where: str = "image") -> np.ndarray:
+def decode_pixels(
+    data: bytes,
+    image_size: int | None = None,
+    where: str = "image",
+    box: Sequence[float] = (1.0, 0.5, 0.5),
+) -> np.ndarray:
     """Decode image bytes to uint8 HxWx3 RGB, EXIF orientation applied.
 
     Uses the pipeline's own safe decoder (allow-listed formats, pixel limit, CMYK, 16-bit
-    and alpha handling). With `image_size`, the shorter side is resized to it (bicubic)
-    and the center cropped to a square; JPEGs more than twice that size are first decoded
-    at a reduced DCT scale.
+    and alpha handling). With `image_size`, a square is cropped and resized (bicubic, one
+    resampling) to image_size x image_size: `box` = (scale, x, y) gives its side as a
+    fraction of the shorter side and its position as fractions of the room left along each
+    axis; the default is the center crop of the whole shorter side. JPEGs more than twice
+    the needed size are first decoded at a reduced DCT scale.
     """
     from pairmill.images import decode_image
     from pairmill.rejects import Rejection
 
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive integer, got {image_size}")
+    scale, fx, fy = (float(v) for v in box)
+    if image_size:
+        prepare = functools.partial(_square, size=image_size, box=(scale, fx, fy))
     decoded = decode_image(
         data,
         _read_config(),
-        prepare=functools.partial(_square, size=image_size) if image_size else _writable,
-        prepare_min_side=2 * image_size if image_size else 0,
+        prepare=prepare if image_size else _writable,
+        prepare_min_side=math.ceil(2 * image_size / scale) if image_size else 0,
     )
     if isinstance(decoded, Rejection):
         raise InputError(f"cannot decode {where}: {decoded.reason}: {decoded.detail}")
@@ -412,15 +422,16 @@ def _read_config():
     return DecodeConfig(min_side=0, max_aspect=math.inf)
 
 
-def _square(im, size: int) -> np.ndarray:
-    """Shorter side to `size` (bicubic), center crop to size x size, in one resampling."""
+def _square(im, size: int, box: tuple[float, float, float] = (1.0, 0.5, 0.5)) -> np.ndarray:
+    """The (scale, x, y) square of `decode_pixels` resized to size x size in one resampling."""
     from PIL import Image
 
+    scale, fx, fy = box
     width, height = im.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    box = (left, top, left + side, top + side)
-    resized = im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=2.0)
+    side = scale * min(width, height)
+    left, top = fx * (width - side), fy * (height - side)
+    crop = (left, top, left + side, top + side)
+    resized = im.resize((size, size), Image.Resampling.BICUBIC, box=crop, reducing_gap=2.0)
     return _writable(resized)
 
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_train import small_config  # the same small run settings
 
 from pairmill.train import evaluate as ev
 from pairmill.train.diffusion import Schedule, diffusion_loss, sample
-from pairmill.train.loop import BatchStream, TrainConfig, load_checkpoint, prepare_batch, train
+from pairmill.train.loop import BatchStream, load_checkpoint, prepare_batch, train
 from pairmill.train.model import build_model, model_config
 from pipelines import build_pairs
 
@@ -76,14 +77,6 @@ def token_model(token_dim: int = 12, seed: int = 0, zero_cross: bool = False):
             if not (zero_cross and "cross.proj" in name):
                 p.normal_(std=0.05)
     return model.eval()
-
-
-def small_config(run, out, **overrides) -> TrainConfig:
-    values = dict(
-        shards=[str(run)], out=str(out), image_size=16, batch_size=4, steps=3,
-        shuffle_buffer=8, log_every=1, ckpt_every=2, seed=3,
-    )  # fmt: skip
-    return TrainConfig(**{**values, **overrides})
 
 
 def quiet(_line):

@@ -17,7 +17,6 @@ are saved and restored as well, for anything outside the loop that draws from th
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import math
@@ -32,7 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from pairmill.data import EMBEDDING_FIELDS, IMAGE_FIELDS, TOKEN_FIELDS, PairShards, read_pairs
+from pairmill.data import (
+    EMBEDDING_FIELDS,
+    IMAGE_FIELDS,
+    TOKEN_FIELDS,
+    PairShards,
+    decode_pixels,
+    read_pairs,
+)
 from pairmill.errors import ConfigError, InputError
 from pairmill.train.diffusion import Schedule, diffusion_loss
 from pairmill.train.model import MODELS, Denoiser, ModelConfig, build_model, model_config
@@ -260,42 +266,9 @@ def crop_draws(seed: int, step: int, n: int, crop_scale: float) -> np.ndarray:
 
 def decode_crop(data: bytes, size: int, box: Sequence[float], where: str = "image") -> np.ndarray:
     """Decode image bytes to a uint8 (size, size, 3) RGB square: the box (scale, x, y) of
-    `crop_draws` cropped and resized (bicubic) in one resampling. (1, 0.5, 0.5) is the center
-    crop of `pairmill.data.decode_pixels`; JPEGs are decoded at the smallest DCT scale that
-    still leaves the box at least twice `size`."""
-    from pairmill.images import decode_image
-    from pairmill.rejects import Rejection
-
-    scale, fx, fy = (float(v) for v in box)
-    decoded = decode_image(
-        data,
-        _decode_config(),
-        prepare=functools.partial(_crop_square, size=size, box=(scale, fx, fy)),
-        prepare_min_side=math.ceil(2 * size / scale),
-    )
-    if isinstance(decoded, Rejection):
-        raise InputError(f"cannot decode {where}: {decoded.reason}: {decoded.detail}")
-    return decoded.pixels
-
-
-@functools.cache
-def _decode_config():
-    from pairmill.images import DecodeConfig
-
-    # Stored images already passed the build's filters; only the bomb limit still applies.
-    return DecodeConfig(min_side=0, max_aspect=math.inf)
-
-
-def _crop_square(im, size: int, box: tuple[float, float, float]) -> np.ndarray:
-    from PIL import Image
-
-    scale, fx, fy = box
-    width, height = im.size
-    side = scale * min(width, height)
-    left, top = fx * (width - side), fy * (height - side)
-    crop = (left, top, left + side, top + side)
-    resized = im.resize((size, size), Image.Resampling.BICUBIC, box=crop, reducing_gap=2.0)
-    return np.array(resized)  # writable, unlike np.asarray
+    `crop_draws` cropped and resized (bicubic) in one resampling (`pairmill.data.decode_pixels`;
+    (1, 0.5, 0.5) is its center crop)."""
+    return decode_pixels(data, size, where=where, box=box)
 
 
 def conditioning_dims(shards: Sequence[str]) -> tuple[int, tuple[int, int] | None]:
