@@ -1,7 +1,8 @@
 """Shard writers (a registry, one interface) and shard planning.
 
-A table's rows are spread over `num_shards` by a hash of their id, each shard
-sorted by id, so the same rows always give the same files. Writers return a
+A table's rows are spread over `num_shards` by a hash of their id (the pairs
+table's by a hash of their episode id: an episode's pairs share a shard), each
+shard sorted by id, so the same rows always give the same files. Writers return a
 `ShardInfo` (rows, bytes, sha256) computed while writing: the driver never
 re-reads shards to describe them.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -122,6 +124,7 @@ class ParquetWriter:
             row_group_size=max(1, ROW_GROUP_BYTES // row_bytes),
             write_statistics=[f.name for f in schema.fields if f.type not in ("binary",)],
         )
+        del table  # free the Arrow copy of the rows before copying the file out of Arrow
         return sink.getvalue().to_pybytes()
 
 
@@ -145,15 +148,79 @@ def shard_name(table: str, index: int, total: int, extension: str) -> str:
 
 def row_size(row: dict[str, Any]) -> int:
     """A cheap estimate of a row's encoded size, for shard planning."""
-    size = 0
-    for value in row.values():
-        if isinstance(value, (bytes, str)):
-            size += len(value)
-        elif isinstance(value, list):
-            size += 4 * len(value)
-        else:
-            size += 8
-    return size
+    return sum(_value_size(value) for value in row.values())
+
+
+def _value_size(value: Any) -> int:
+    if isinstance(value, (bytes, str)):
+        return len(value)
+    if isinstance(value, list):
+        return 4 * len(value)
+    return 8
+
+
+# Pair shards are written per episode: an episode's image rows (each image once) and its
+# kept candidates travel together to the shard of the episode, whose writer builds the pair
+# rows there. A pair row (`rows.pair_row`) copies most of its bytes from its two image rows,
+# so each image's share of `row_size(pair row)` is measured once, from the image row, and a
+# pair's size is summed from its two sides' shares: the plan needs no pair row.
+
+
+def pair_side_sizes(image: dict[str, Any]) -> tuple[int, int]:
+    """(bytes a pair row copies from this image row on either side, bytes more on the cond
+    side), as `row_size` of the pair row counts them."""
+    from pairmill.rows import SIDE_FIELDS
+
+    side = sum(_value_size(image[name]) for name in SIDE_FIELDS)
+    cond_extra = _value_size(image["page_url"])
+    if "tokens" in image:  # <side>_tokens, and token_count / token_dim from the cond side
+        side += _value_size(image["tokens"])
+        cond_extra += _value_size(image["token_count"]) + _value_size(image["token_dim"])
+    return side, cond_extra
+
+
+def pair_row_size(candidate, cond: tuple[int, int], target: tuple[int, int], encoder: str) -> int:
+    """`row_size(rows.pair_row(candidate, ...))` from the two sides' `pair_side_sizes`."""
+    own = (candidate.pair_id, candidate.episode_id, candidate.similarity, encoder)
+    return sum(_value_size(v) for v in own) + cond[0] + cond[1] + target[0]
+
+
+def episode_pair_plan(
+    sizes: Iterable[tuple[str, tuple[int, int]]], candidates: Iterable, encoder: str
+) -> tuple[int, int]:
+    """(kept pairs, their estimated bytes) of one episode, from (image_id, side sizes)."""
+    by_id = dict(sizes)
+    count = total = 0
+    for candidate in candidates:
+        count += 1
+        total += pair_row_size(
+            candidate, by_id[candidate.cond_image_id], by_id[candidate.target_image_id], encoder
+        )
+    return count, total
+
+
+def episode_pair_group(
+    images: Iterable[dict[str, Any]], candidates: Iterable
+) -> tuple[list[dict[str, Any]], list] | None:
+    """What an episode sends to its pair shard: the image rows in its kept pairs (each once)
+    and the kept candidates; None when it kept no pair."""
+    candidates = list(candidates)
+    if not candidates:
+        return None
+    used = {c.cond_image_id for c in candidates} | {c.target_image_id for c in candidates}
+    return [row for row in images if row["image_id"] in used], candidates
+
+
+def episode_pair_rows(
+    images: Iterable[dict[str, Any]], candidates: Iterable, encoder: str
+) -> list[dict[str, Any]]:
+    """The self-contained pair rows of one episode group (`episode_pair_group`)."""
+    from pairmill.rows import pair_row
+
+    by_id = {row["image_id"]: row for row in images}
+    return [
+        pair_row(c, by_id[c.cond_image_id], by_id[c.target_image_id], encoder) for c in candidates
+    ]
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -454,43 +454,97 @@ class PairWithinEpisodes(beam.PTransform):
         )
 
 
-class _BuildPairRows(beam.DoFn):
-    def __init__(self, encoder: str):
-        self.encoder = encoder
+class _WritePairShard(beam.DoFn):
+    def __init__(self, out, schema_id, fmt, encoder, options):
+        self.out, self.schema_id, self.fmt = out, schema_id, fmt
+        self.encoder, self.options = encoder, options
 
-    def process(self, element):
-        _, joined = element
-        candidates = list(joined["pairs"])
-        if not candidates:
-            return
-        images = {row["image_id"]: row for row in joined["images"]}
-        for candidate in candidates:
-            yield rows.pair_row(
-                candidate,
-                images[candidate.cond_image_id],
-                images[candidate.target_image_id],
-                self.encoder,
-            )
+    def process(self, element, plan):
+        import schemas
+        from pairmill.shards import episode_pair_rows, write_shard
+
+        index, groups = element
+        pair_rows = [row for group in groups for row in episode_pair_rows(*group, self.encoder)]
+        pair_rows.sort(key=lambda row: _sort_key(row, "pair_id"))
+        schema = schemas.load(self.schema_id)
+        info = write_shard(
+            self.out, "pairs", index, plan, pair_rows, schema, self.fmt, self.options
+        )
+        yield info.to_dict()
 
 
-class JoinPairBytes(beam.PTransform):
-    """Join each kept pair with both sides' image rows into a self-contained pair row.
+class WritePairShards(beam.PTransform):
+    """Write the pairs table from image rows and kept candidates; output: shard infos.
+
+    No pair row is ever shuffled: each episode goes to one shard (a hash of its episode
+    id), carrying the image rows in its kept pairs (each image's bytes once, not once per
+    pair it is in) and its kept candidates; the shard's writer builds the pair rows
+    (`rows.pair_row`), sorts them by pair id and writes them, so the same input gives the
+    same files. The shard count follows the table's size as in `WriteShards`, planned from
+    light values only (per image the bytes a pair row copies from it, per pair its ids), so
+    rows holding image bytes never wait on a total computed from themselves. Shards hold
+    whole episodes: --shard-size-mb and --shard-rows are targets that one large episode
+    alone can exceed, and a shard no episode hashes to is not written (as in `WriteShards`).
+
+    Input: (image rows, (episode_id, kept `Candidate`)).
 
     Args:
+      out: the run directory.
+      schema_id: ``pair_v1``, or ``pair_v2`` when the image rows carry tokens.
+      fmt: writer format.
       encoder: preset name written into each row.
+      shard_rows, shard_size_mb: sizing targets.
+      options: writer options (e.g. ``{"compression": "gzip"}`` for TFRecord).
     """
 
-    def __init__(self, encoder: str):
+    def __init__(self, out, schema_id, fmt, encoder, shard_rows, shard_size_mb, options=None):
         super().__init__()
-        self.encoder = encoder
+        self.out, self.schema_id, self.fmt, self.encoder = out, schema_id, fmt, encoder
+        self.shard_rows, self.shard_size_mb = shard_rows, shard_size_mb
+        self.options = dict(options or {})
 
     def expand(self, inputs):
-        images, pairs = inputs
-        return (
-            {"images": images, "pairs": pairs}
-            | "Group" >> beam.CoGroupByKey()
-            | "Rows" >> beam.ParDo(_BuildPairRows(self.encoder))
+        from pairmill.shards import episode_pair_plan, pair_side_sizes, shard_count, shard_index
+
+        images, kept = inputs
+        encoder, shard_rows, shard_size_mb = self.encoder, self.shard_rows, self.shard_size_mb
+        sizes = images | "Sizes" >> beam.Map(
+            lambda row: (row["episode_id"], (row["image_id"], pair_side_sizes(row)))
         )
+        plan = (
+            {"sizes": sizes, "pairs": kept}
+            | "PlanGroup" >> beam.CoGroupByKey()
+            | "EpisodeSize"
+            >> beam.Map(lambda kv: episode_pair_plan(kv[1]["sizes"], kv[1]["pairs"], encoder))
+            | "Total" >> beam.CombineGlobally(_SumPairs())
+            | "Plan" >> beam.Map(lambda t: shard_count(t[0], t[1], shard_rows, shard_size_mb))
+        )
+        keyed = images | "ByEpisode" >> beam.Map(lambda row: (row["episode_id"], row))
+        groups = (
+            {"images": keyed, "pairs": kept}
+            | "Group" >> beam.CoGroupByKey()
+            | "Episodes" >> beam.FlatMap(_episode_group)
+            | "Assign"
+            >> beam.Map(lambda kv, n: (shard_index(kv[0], n), kv[1]), beam.pvalue.AsSingleton(plan))
+        )
+        return (
+            groups
+            | "ToShards" >> beam.GroupByKey()
+            | "Write"
+            >> beam.ParDo(
+                _WritePairShard(self.out, self.schema_id, self.fmt, self.encoder, self.options),
+                beam.pvalue.AsSingleton(plan),
+            )
+        )
+
+
+def _episode_group(element):
+    from pairmill.shards import episode_pair_group
+
+    episode, joined = element
+    group = episode_pair_group(joined["images"], joined["pairs"])
+    if group is not None:
+        yield episode, group
 
 
 class _WriteShard(beam.DoFn):
@@ -610,51 +664,71 @@ class ReadRunTable(beam.PTransform):
 class WriteRun(beam.PTransform):
     """Write a run's four tables as shards plus the report the driver turns into the manifest.
 
-    Input: a dict with "pairs", "images", "similarities" and "rejects" (row dicts)
-    and "counts" ((name, n) tuples for what the tables cannot tell: records_in,
-    unique_images, episodes). Rows per table and rejects per reason are counted here.
+    Input: a dict with "images", "similarities" and "rejects" (row dicts), "kept_pairs"
+    ((episode_id, kept `Candidate`): the pairs table is built from them and the image
+    rows by `WritePairShards`) and "counts" ((name, n) tuples for what the tables cannot
+    tell: records_in, unique_images, episodes). Rows per table, kept pairs and rejects per
+    reason are counted here.
 
     Args:
       out: the run directory.
       pair_format, pair_options: the pair shard writer and its options.
       shard_rows, shard_size_mb: sizing targets.
       schema_ids: table -> schema id (`BuildConfig.schema_ids`); default the v1 tables.
+      encoder: preset name written into each pair row.
     """
 
     ID_FIELDS = (
-        ("pairs", "pair_id"),
         ("images", "image_id"),
         ("similarities", "pair_id"),
         ("rejects", "reject_id"),
     )
 
-    def __init__(self, out, pair_format, pair_options, shard_rows, shard_size_mb, schema_ids=None):
+    def __init__(
+        self,
+        out,
+        pair_format,
+        pair_options,
+        shard_rows,
+        shard_size_mb,
+        schema_ids=None,
+        *,
+        encoder: str,
+    ):
         super().__init__()
         from pairmill.config import schema_ids as default_ids
 
         self.out, self.pair_format, self.pair_options = out.rstrip("/"), pair_format, pair_options
         self.shard_rows, self.shard_size_mb = shard_rows, shard_size_mb
         self.schema_ids = schema_ids or default_ids(False)
+        self.encoder = encoder
 
     def expand(self, tables):
-        shards = []
-        for table, id_field in self.ID_FIELDS:
-            schema = self.schema_ids[table]
-            fmt, options = (
-                (self.pair_format, self.pair_options) if table == "pairs" else ("parquet", {})
+        shards = [
+            (tables["images"], tables["kept_pairs"])
+            | "WritePairs"
+            >> WritePairShards(
+                self.out,
+                self.schema_ids["pairs"],
+                self.pair_format,
+                self.encoder,
+                self.shard_rows,
+                self.shard_size_mb,
+                self.pair_options,
             )
+        ]
+        for table, id_field in self.ID_FIELDS:
             shards.append(
                 tables[table]
                 | f"Write{table.title()}"
                 >> WriteShards(
                     self.out,
                     table,
-                    schema,
-                    fmt,
+                    self.schema_ids[table],
+                    "parquet",
                     id_field,
                     self.shard_rows,
                     self.shard_size_mb,
-                    options,
                 )
             )
         counts = (
@@ -663,7 +737,7 @@ class WriteRun(beam.PTransform):
             tables["images"] | "CountImages" >> beam.Map(lambda _: ("images", 1)),
             tables["similarities"]
             | "CountCandidates" >> beam.Map(lambda _: ("candidate_pairs", 1)),
-            tables["pairs"] | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
+            tables["kept_pairs"] | "CountKept" >> beam.Map(lambda _: ("kept_pairs", 1)),
         ) | "AllCounts" >> beam.Flatten()
         all_shards = tuple(shards) | "AllShards" >> beam.Flatten()
         top_domains = (

@@ -27,7 +27,6 @@ from pairmill.transforms import (
     DropBoilerplate,
     EmbedImages,
     GroupIntoEpisodes,
-    JoinPairBytes,
     LoadImageBytes,
     PairWithinEpisodes,
     ReadCrawl,
@@ -117,7 +116,6 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
     paired = embedded.light | "PairWithinEpisodes" >> PairWithinEpisodes(
         config.low, config.high, config.max_pairs_per_episode
     )
-    pair_rows = (embedded.images, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(config.encoder)
     rejects = (
         read[REJECTS],
         episodes[REJECTS],
@@ -134,7 +132,8 @@ def build(p: beam.Pipeline, config: BuildConfig, files: list[str], handler) -> N
         paired.stats,
     ) | "Counts" >> beam.Flatten()
     tables = {
-        "pairs": pair_rows,
+        # The pairs table is written from these and the image rows (`WritePairShards`).
+        "kept_pairs": paired.pairs,
         "images": embedded.images | "ImageRows" >> beam.Values(),
         "similarities": paired.similarities,
         "rejects": rejects,
@@ -152,6 +151,7 @@ def write_run(tables: dict, config: BuildConfig) -> None:
         config.shard_rows,
         config.shard_size_mb,
         config.schema_ids(),
+        encoder=config.encoder,
     )
 
 

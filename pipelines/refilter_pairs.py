@@ -19,7 +19,7 @@ import numpy as np
 from pairmill import manifest
 from pairmill.config import BuildConfig
 from pairmill.errors import ConfigError
-from pairmill.transforms import JoinPairBytes, PairWithinEpisodes, ReadRunTable
+from pairmill.transforms import PairWithinEpisodes, ReadRunTable
 from pipelines.build_pairs import _optional_int, execute, with_default_runner, write_run
 
 # What a re-filter may change; everything else is the source run's.
@@ -91,8 +91,6 @@ def build(p: beam.Pipeline, config: BuildConfig, source: dict) -> None:
         | "PairWithinEpisodes"
         >> PairWithinEpisodes(config.low, config.high, config.max_pairs_per_episode)
     )
-    keyed = images | "ByEpisode" >> beam.Map(lambda row: (row["episode_id"], row))
-    pair_rows = (keyed, paired.pairs) | "JoinPairBytes" >> JoinPairBytes(config.encoder)
     counts = (
         images | "CountImagesIn" >> beam.Map(lambda _: ("records_in", 1)),
         rejects | "CountRejectsIn" >> beam.Map(lambda _: ("records_in", 1)),
@@ -109,7 +107,7 @@ def build(p: beam.Pipeline, config: BuildConfig, source: dict) -> None:
         ),
     ) | "Counts" >> beam.Flatten()
     tables = {
-        "pairs": pair_rows,
+        "kept_pairs": paired.pairs,
         "images": images,
         "similarities": paired.similarities,
         "rejects": rejects,

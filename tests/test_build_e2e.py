@@ -116,6 +116,31 @@ def test_two_runs_are_identical_row_for_row(run_dir, sample_crawl, tmp_path):
         assert first == second, table  # same files, same sha256
 
 
+def test_pair_shards_hold_whole_episodes_built_from_the_images_table(sample_crawl, tmp_path):
+    from pairmill.shards import shard_index
+
+    manifest = build(sample_crawl, tmp_path, "--low", "-1", "--high", "1", "--shard-rows", "8")
+    pair_shards = manifest["tables"]["pairs"]["shards"]
+    total = -(-manifest["counts"]["kept_pairs"] // 8)  # the plan of --shard-rows 8
+    assert len(pair_shards) > 1
+    images = {r["image_id"]: r for r in rows(tmp_path, "images")}
+    seen = 0
+    for shard in pair_shards:
+        index = int(shard["path"].split("-")[1])
+        assert shard["path"] == f"pairs/pairs-{index:05d}-of-{total:05d}.parquet"
+        pairs = pq.read_table(tmp_path / shard["path"]).to_pylist()
+        assert [p["pair_id"] for p in pairs] == sorted(p["pair_id"] for p in pairs)
+        for pair in pairs:
+            assert shard_index(pair["episode_id"], total) == index  # by episode
+            for side in ("cond", "target"):
+                image = images[pair[f"{side}_image_id"]]
+                assert pair[f"{side}_image"] == image["image"]
+                assert pair[f"{side}_sha256"] == image["sha256"]
+                assert pair["episode_id"] == image["episode_id"]
+        seen += len(pairs)
+    assert seen == manifest["counts"]["kept_pairs"] == manifest["tables"]["pairs"]["rows"]
+
+
 def test_refuses_to_overwrite_without_flag(run_dir, sample_crawl):
     from pairmill.errors import ConfigError
 

@@ -29,11 +29,14 @@ def shards(run, table):
     return json.loads((run / "manifest.json").read_text())["tables"][table]["shards"]
 
 
-def test_refiltered_pairs_equal_a_fresh_build(wide_run, sample_crawl, tmp_path):
+@pytest.mark.parametrize("sizing", [(), ("--shard-rows", "4")], ids=["one-shard", "shards"])
+def test_refiltered_pairs_equal_a_fresh_build(wide_run, sample_crawl, tmp_path, sizing):
     manifest = refilter(
-        wide_run, tmp_path / "re", "--low", "0.1", "--high", "0.6"
+        wide_run, tmp_path / "re", "--low", "0.1", "--high", "0.6", *sizing
     ).pairmill_manifest
-    fresh(sample_crawl, tmp_path / "fresh", "--low", "0.1", "--high", "0.6")
+    fresh(sample_crawl, tmp_path / "fresh", "--low", "0.1", "--high", "0.6", *sizing)
+    if sizing:  # several pair shards, each written from whole episodes
+        assert len(shards(tmp_path / "re", "pairs")) > 1
     # Byte-identical shards: same pairs, same rows, same order, same similarities.
     for table in ("pairs", "images", "similarities", "rejects"):
         assert shards(tmp_path / "re", table) == shards(tmp_path / "fresh", table), table

@@ -1,6 +1,7 @@
 """One FnApiRunner pipeline test per transform."""
 
 import json
+import math
 
 import apache_beam as beam
 import numpy as np
@@ -9,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
+from pairmill import rows as rows_mod
 from pairmill import transforms as t
 from pairmill.images import DecodeConfig
 from pairmill.pairing import Candidate
@@ -156,27 +158,163 @@ def test_pair_within_episodes():
         )
 
 
-def test_join_pair_bytes():
-    image = {
-        "image_id": "a",
-        "page_url": "https://p/",
-        "url": "u",
-        "sha256": "s",
-        "width": 1,
-        "height": 1,
-        "image": b"A",
-        "embedding": [1.0],
+def _image_row(episode, image_id, tokens=False):
+    """An image row (``image_v1``, or ``image_v2`` with tokens) with its own bytes."""
+    seed = sum(map(ord, episode + image_id))
+    row = {
+        "image_id": image_id,
+        "episode_id": episode,
+        "page_url": f"https://{episode}.example/",
+        "source_page_url": f"https://{episode}.example/?utm_source=x",
+        "url": f"https://cdn/{episode}/{image_id}.jpg",
+        "sha256": f"{seed:064x}",
+        "format": "jpeg",
+        "width": 10 + seed % 7,
+        "height": 20 + seed % 5,
+        "source_width": 30,
+        "source_height": 40,
+        "image": bytes([seed % 251]) * (50 + seed % 13),
+        "embedding": [float(np.float32(seed % 10 / 10)), 0.5, -0.25],
+        "extra": "{}",
+        "source": "crawl.parquet",
+        "row": seed,
     }
-    other = dict(image, image_id="b", image=b"B")
-    cand = Candidate("pid", "e1", "a", "b", 0.5, True)
-    with pipeline() as p:
-        images = p | "I" >> beam.Create([("e1", image), ("e1", other), ("e2", image)])
-        pairs = p | "P" >> beam.Create([("e1", cand)])
-        rows = (images, pairs) | t.JoinPairBytes("tiny")
-        assert_that(
-            rows | beam.Map(lambda r: (r["cond_image"], r["target_image"], r["encoder"])),
-            equal_to([(b"A", b"B", "tiny")]),
+    if tokens:
+        row.update(rows_mod.token_fields(np.full((4, 2), seed % 9, dtype=np.float16)))
+    return row
+
+
+def _episode(episode, n, tokens=False):
+    """n image rows of one episode and its candidates (every other one kept)."""
+    from pairmill.pairing import pair_id
+
+    images = [_image_row(episode, f"i{k}", tokens) for k in range(n)]
+    candidates = [
+        Candidate(
+            pair_id(episode, a["image_id"], b["image_id"]),
+            episode,
+            a["image_id"],
+            b["image_id"],
+            0.125 * (j % 8),
+            j % 2 == 0,
         )
+        for j, (a, b) in enumerate((a, b) for i, a in enumerate(images) for b in images[i + 1 :])
+    ]
+    return images, candidates
+
+
+def test_pair_sizes_add_up_to_the_pair_rows_size():
+    from pairmill import shards
+
+    for tokens in (False, True):
+        images, candidates = _episode("e", 3, tokens)
+        by_id = {row["image_id"]: row for row in images}
+        sizes = [(row["image_id"], shards.pair_side_sizes(row)) for row in images]
+        kept = [c for c in candidates if c.kept]
+        expected = [
+            shards.row_size(
+                rows_mod.pair_row(c, by_id[c.cond_image_id], by_id[c.target_image_id], "tiny")
+            )
+            for c in kept
+        ]
+        assert shards.episode_pair_plan(sizes, kept, "tiny") == (len(kept), sum(expected))
+        assert shards.episode_pair_plan(sizes, [], "tiny") == (0, 0)
+
+
+def test_episode_pair_group_sends_each_used_image_once():
+    from pairmill import shards
+
+    images, candidates = _episode("e", 4)
+    kept = [c for c in candidates if c.kept]
+    group_images, group_pairs = shards.episode_pair_group(images, kept)
+    used = {c.cond_image_id for c in kept} | {c.target_image_id for c in kept}
+    assert sorted(r["image_id"] for r in group_images) == sorted(used)
+    assert group_pairs == kept
+    assert shards.episode_pair_group(images, []) is None
+    by_id = {row["image_id"]: row for row in images}
+    assert shards.episode_pair_rows(group_images, kept, "tiny") == [
+        rows_mod.pair_row(c, by_id[c.cond_image_id], by_id[c.target_image_id], "tiny") for c in kept
+    ]
+
+
+def _read_pair_shard(path, schema_id):
+    import schemas
+    from pairmill import tfrecord
+
+    if path.suffix == ".parquet":
+        return pq.read_table(path).to_pylist()
+    return list(tfrecord.read_rows(str(path), schemas.load(schema_id)))
+
+
+@pytest.mark.parametrize(
+    "tokens, fmt, options",
+    [
+        (False, "parquet", {}),
+        (True, "parquet", {}),
+        (True, "tfrecord", {"compression": "gzip"}),
+        (False, "tfrecord", {}),
+    ],
+)
+def test_write_pair_shards_builds_each_episodes_rows_in_its_shard(tmp_path, tokens, fmt, options):
+    from pairmill.shards import shard_index
+
+    schema_id = "pair_v2" if tokens else "pair_v1"
+    episodes = {f"e{k}": _episode(f"e{k}", n, tokens) for k, n in enumerate((4, 3, 5, 2, 1))}
+    images = [row for rows_, _ in episodes.values() for row in rows_]
+    images.append(_image_row("lonely", "i0", tokens))  # an episode without candidates
+    kept = [(e, c) for e, (_, cands) in episodes.items() for c in cands if c.kept]
+    out = str(tmp_path)
+    with pipeline() as p:
+        infos = (
+            p | "I" >> beam.Create(images),
+            p | "K" >> beam.Create(kept),
+        ) | t.WritePairShards(out, schema_id, fmt, "tiny", 3, 256.0, options)
+        _ = (infos, p | "C" >> beam.Create([])) | t.WriteReport(f"{out}/_report.json")
+    shards = json.loads((tmp_path / "_report.json").read_text())["shards"]
+    total = math.ceil(len(kept) / 3)  # the plan of --shard-rows 3
+    extension = {"parquet": ".parquet", "tfrecord": ".tfrecord"}[fmt]
+    extension += ".gz" if options else ""
+    # Whole episodes, by a hash of their id: the shards some episode with pairs went to.
+    used = sorted({shard_index(e, total) for e, _ in kept})
+    assert total > 1 and len(used) > 1
+    assert [s["path"] for s in shards] == [
+        f"pairs/pairs-{i:05d}-of-{total:05d}{extension}" for i in used
+    ]
+    by_id = {(row["episode_id"], row["image_id"]): row for row in images}
+    for index, info in zip(used, shards, strict=True):
+        got = _read_pair_shard(tmp_path / info["path"], schema_id)
+        mine = [(e, c) for e, c in kept if shard_index(e, total) == index]
+        want = sorted(
+            (
+                rows_mod.pair_row(
+                    c, by_id[(e, c.cond_image_id)], by_id[(e, c.target_image_id)], "tiny"
+                )
+                for e, c in mine
+            ),
+            key=lambda row: row["pair_id"],
+        )
+        assert info["rows"] == len(want) and info["schema"] == schema_id
+        assert [r["pair_id"] for r in got] == [r["pair_id"] for r in want]
+        for row, expected in zip(got, want, strict=True):
+            for name, value in expected.items():
+                if name.endswith("embedding") or name == "similarity":
+                    assert np.allclose(row[name], value), name
+                else:
+                    assert row[name] == value, name
+            if tokens:
+                assert (
+                    row["cond_tokens"] == by_id[(row["episode_id"], row["cond_image_id"])]["tokens"]
+                )
+
+
+def test_write_pair_shards_without_pairs_writes_nothing(tmp_path):
+    with pipeline() as p:
+        infos = (
+            p | "I" >> beam.Create([_image_row("e", "a")]),
+            p | "K" >> beam.Create([]),
+        ) | t.WritePairShards(str(tmp_path), "pair_v1", "parquet", "tiny", None, 256.0)
+        assert_that(infos, equal_to([]))  # the driver writes the empty table's one shard
+    assert not (tmp_path / "pairs").exists()
 
 
 def test_write_shards_and_report(tmp_path):
@@ -250,13 +388,13 @@ def test_write_run_counts_tables(tmp_path):
     }
     with pipeline() as p:
         tables = {
-            "pairs": p | "P" >> beam.Create([]),
+            "kept_pairs": p | "P" >> beam.Create([]),
             "images": p | "I" >> beam.Create([]),
             "similarities": p | "S" >> beam.Create([]),
             "rejects": p | "R" >> beam.Create([reject]),
             "counts": p | "C" >> beam.Create([("records_in", 1)]),
         }
-        _ = tables | t.WriteRun(str(tmp_path), "parquet", {}, None, 256.0)
+        _ = tables | t.WriteRun(str(tmp_path), "parquet", {}, None, 256.0, encoder="tiny")
     report = json.loads((tmp_path / "_report.json").read_text())
     assert report["counts"] == {"records_in": 1, "rejects.empty": 1}
     assert [s["table"] for s in report["shards"]] == ["rejects"]
