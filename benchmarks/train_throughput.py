@@ -90,6 +90,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--store-tokens", action="store_true")
     p.add_argument("--token-grid", type=int, default=4)
+    p.add_argument("--decode-workers", type=int, default=0, help="0: the trainer's default")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
 
@@ -107,7 +108,7 @@ def main() -> None:
             shards=[str(run)], out=str(tmp / "ckpt"), model=args.model,
             image_size=args.image_size, batch_size=args.batch_size,
             steps=args.warmup + args.steps, device=args.device, shuffle_buffer=256,
-            log_every=args.warmup, ckpt_every=10**9,
+            log_every=args.warmup, ckpt_every=10**9, decode_workers=args.decode_workers,
         )  # fmt: skip
         marks = {}
 
