@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stress_crawl import TreeMemory  # noqa: E402
+from stress_crawl import run_build as stress_run_build  # noqa: E402
 
 GENERATOR_VERSION = 1
 N_BASES = 64
@@ -142,7 +141,8 @@ def first_page(files: list[Path], out: Path) -> Path:
 
 
 def run_build(files: list[Path], out: Path, code: Path | None, extra: list[str], log: Path):
-    """Run `pairmill build` in a child process: wall time, peak memory, exit status."""
+    """Run `pairmill build` in a child process (importing pairmill from `code` if given):
+    wall time, peak memory, exit status."""
     env = dict(os.environ)
     if code is not None:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(code), env.get("PYTHONPATH", "")) if p)
@@ -150,36 +150,15 @@ def run_build(files: list[Path], out: Path, code: Path | None, extra: list[str],
     source = subprocess.run(
         [sys.executable, "-c", probe], env=env, cwd=out.parent, capture_output=True, text=True
     ).stdout.strip()
-    command = [
-        sys.executable,
-        "-m",
-        "pairmill.cli",
-        "build",
-        *(str(f) for f in files),
-        *("--out", str(out), "--encoder", "tiny", "--device", "cpu"),
-        *("--quiet", "--overwrite", *extra),
-    ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    with log.open("wb") as handle:
-        started = time.perf_counter()
-        # Run outside the source trees: `-m` puts the working directory first on sys.path.
-        child = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=out.parent
-        )
-        memory = TreeMemory(child.pid, interval=0.1)
-        memory.start()
-        returncode = child.wait()
-        seconds = time.perf_counter() - started
-    memory.stopped.set()
-    memory.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    largest = after * 1024 if after > before else 0
+    # Run outside the source trees: `-m` puts the working directory first on sys.path.
+    build = stress_run_build(files, out, extra, log, env=env, cwd=out.parent, interval=0.1)
+    largest = build["max_process_rss"] or 0
     return {
-        "command": command,
+        "command": build["command"],
         "code": source,
-        "returncode": returncode,
-        "wall_s": seconds,
-        "peak_rss": max(memory.peak_bytes, largest),
+        "returncode": build["returncode"],
+        "wall_s": build["wall_s"],
+        "peak_rss": max(build["peak_tree_rss"], largest),
     }
 
 
@@ -229,13 +208,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"FAIL: pairmill build exited {result['returncode']}", file=sys.stderr)
                 return 1
         manifest = json.loads((workdir / "run" / "manifest.json").read_text())
+        report = _report(args, extra, files, generated, overhead, build, manifest)
     finally:
         if temporary:
             shutil.rmtree(workdir, ignore_errors=True)
         else:
             for name in ("run", "run-one"):
                 shutil.rmtree(workdir / name, ignore_errors=True)
-    report = _report(args, extra, files, generated, overhead, build, manifest)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

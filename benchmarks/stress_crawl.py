@@ -587,29 +587,31 @@ class TreeMemory(threading.Thread):
         return total, count
 
 
-def run_build(crawl: Crawl, out: Path, extra: list[str], log: Path) -> dict:
-    """Run `pairmill build` as a child process; wall time, memory and exit status."""
+def run_build(
+    files,
+    out: Path,
+    extra: list[str],
+    log: Path,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    interval: float = 0.25,
+) -> dict:
+    """Run `pairmill build` (tiny encoder, CPU) on `files` as a child process, with `env`
+    and working directory `cwd` if given; wall time, memory and exit status."""
     command = [
         sys.executable,
         "-m",
         "pairmill.cli",
         "build",
-        *(str(f) for f in crawl.files),
-        "--out",
-        str(out),
-        "--encoder",
-        "tiny",
-        "--device",
-        "cpu",
-        "--quiet",
-        "--overwrite",
-        *extra,
+        *(str(f) for f in files),
+        *("--out", str(out), "--encoder", "tiny", "--device", "cpu"),
+        *("--quiet", "--overwrite", *extra),
     ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     with log.open("wb") as handle:
         started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
-        memory = TreeMemory(child.pid)
+        child = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+        memory = TreeMemory(child.pid, interval=interval)
         memory.start()
         returncode = child.wait()
         seconds = time.perf_counter() - started
@@ -825,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         crawl = generate(workdir, args.records, args.crawl_seed, args.gen_workers)
         crawl_bytes = sum(f.stat().st_size for f in crawl.files)
-        build = run_build(crawl, out, extra, workdir / "build.log")
+        build = run_build(crawl.files, out, extra, workdir / "build.log")
         if build["returncode"] != 0:
             tail = (workdir / "build.log").read_text(errors="replace")[-4000:]
             print(tail, file=sys.stderr)
