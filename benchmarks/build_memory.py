@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stress_crawl import run_build as stress_run_build  # noqa: E402
+from stress_crawl import split_passthrough  # noqa: E402
 
 GENERATOR_VERSION = 1
 N_BASES = 64
@@ -163,11 +164,7 @@ def run_build(files: list[Path], out: Path, code: Path | None, extra: list[str],
 
 
 def parse_args(argv: list[str] | None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1 :]
+    argv, passthrough = split_passthrough(argv)
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Other flags are passed to `pairmill build`.",

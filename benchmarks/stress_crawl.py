@@ -790,12 +790,17 @@ def _short(label: str) -> str:
 # --------------------------------------------------------------------------- main
 
 
-def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+def split_passthrough(argv: list[str] | None) -> tuple[list[str], list[str]]:
+    """(this script's flags, what follows ``--``: flags for `pairmill build`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    passthrough: list[str] = []
     if "--" in argv:
         at = argv.index("--")
-        argv, passthrough = argv[:at], argv[at + 1 :]
+        return argv[:at], argv[at + 1 :]
+    return argv, []
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    argv, passthrough = split_passthrough(argv)
     p = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         epilog="Other flags are passed to `pairmill build`.",

@@ -218,14 +218,19 @@ def test_resume_is_bit_identical(run_dir, tmp_path):
     lines = []
     train(small_config(run_dir, tmp_path / "b"), echo=lines.append)
     assert lines[0].startswith("resuming from") and "step 2" in lines[0]
-    a = load_checkpoint(tmp_path / "a" / "latest.pt")
-    b = load_checkpoint(tmp_path / "b" / "latest.pt")
-    assert a["step"] == b["step"] == 3
+    assert_same_checkpoints(tmp_path / "a" / "latest.pt", tmp_path / "b" / "latest.pt", step=3)
+
+
+def assert_same_checkpoints(path_a, path_b, step: int) -> None:
+    """Both at `step` with identical weights, EMA, Adam moments and torch RNG state."""
+    a, b = load_checkpoint(path_a), load_checkpoint(path_b)
+    assert a["step"] == b["step"] == step
     for key in ("model", "ema"):
         for name, tensor in a[key].items():
             assert torch.equal(tensor, b[key][name]), (key, name)
     for pid, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[moment], b["optimizer"]["state"][pid][moment])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
 

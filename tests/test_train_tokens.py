@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_train import small_config  # the same small run settings
+from test_train import assert_same_checkpoints, small_config  # shared run settings
 
 from pairmill.train import evaluate as ev
 from pairmill.train.diffusion import Schedule, diffusion_loss, sample
@@ -223,14 +223,7 @@ def test_token_resume_with_random_crops_is_bit_identical(v2_run, tmp_path):
     train(small_config(v2_run, tmp_path / "b", **config), echo=lines.append)
     assert lines[0].startswith("resuming from") and "step 2" in lines[0]
     assert "cross-attention to 16 tokens" in lines[1]
-    a = load_checkpoint(tmp_path / "a" / "latest.pt")
-    b = load_checkpoint(tmp_path / "b" / "latest.pt")
-    assert a["step"] == b["step"] == 3
-    for key in ("model", "ema"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), (key, name)
-    for pid, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["exp_avg_sq"], b["optimizer"]["state"][pid]["exp_avg_sq"])
+    assert_same_checkpoints(tmp_path / "a" / "latest.pt", tmp_path / "b" / "latest.pt", step=3)
 
 
 # ---------------------------------------------------------------------------------------------
